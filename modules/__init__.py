@@ -1,0 +1,1 @@
+"""Azure IoT Edge module that scores images with Custom Vision ONNX exports."""
