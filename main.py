@@ -1,0 +1,142 @@
+"""Command line of the scoring module: run it, score image files, inspect a model."""
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from modules.errors import BadImageError, ScorerError
+from modules.model import CustomVisionModel, ScoreOptions
+from modules.results import result_document
+
+_LOGGER = logging.getLogger("main")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and run the chosen command."""
+    arguments = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if arguments.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(arguments.command(arguments))
+    except ScorerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def score_command(arguments: argparse.Namespace) -> int:
+    """Score image files and print one JSON result per line, in input order."""
+    model = CustomVisionModel.load(arguments.model, threads=arguments.threads)
+    options = ScoreOptions(arguments.threshold, arguments.max)
+    failures = 0
+    for path in arguments.images:
+        try:
+            scored = model.score(_read_image(path), options, draft=not arguments.full)
+        except ScorerError as error:
+            failures += 1
+            print(f"error: {path}: {error}", file=sys.stderr)
+            continue
+        result = result_document(scored, model.identity, {"path": str(path)})
+        print(json.dumps(result, ensure_ascii=False), flush=True)
+    return 1 if failures else 0
+
+
+def inspect_command(arguments: argparse.Namespace) -> int:
+    """Print what an export is, for a person or, with --json, for a program."""
+    model = CustomVisionModel.load(arguments.model, threads=arguments.threads)
+    description = describe(model)
+    if arguments.json:
+        print(json.dumps(description, ensure_ascii=False, indent=2))
+        return 0
+    for key, value in description.items():
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+        print(f"{key + ':':<14}{shown if shown is not None else '-'}")
+    return 0
+
+
+def describe(model: CustomVisionModel) -> dict[str, Any]:
+    """Return what a person needs to know about a loaded export."""
+    identity, contract = model.identity, model.contract
+    size = f"{contract.size[1]}, {contract.size[0]}" if contract.size else "H, W"
+    return {
+        "flavor": identity.flavor.value,
+        "description": identity.flavor.description,
+        "float16": identity.float16,
+        "multilabel": identity.multilabel,
+        "input": contract.name,
+        "shape": f"[{'N' if contract.batch else 1}, 3, {size}]",
+        "dtype": contract.dtype.__name__,
+        "colour": contract.channel_order,
+        "range": contract.pixel_range,
+        "resize": contract.resize.value,
+        "labels": list(identity.labels),
+        "iteration": identity.iteration,
+        "exported": identity.exported,
+        "sha256": identity.sha256,
+    }
+
+
+def _read_image(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise BadImageError(f"cannot read the file: {error.strerror}") from error
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="main.py",
+        description="Score images with Azure Custom Vision ONNX exports.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug lines")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime intra-op threads"
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    score = commands.add_parser("score", help="score image files, one JSON line each")
+    score.add_argument(
+        "--model", type=Path, required=True, help="export folder, zip or .onnx"
+    )
+    score.add_argument("--threshold", type=_probability, default=None)
+    score.add_argument("--max", type=_positive, default=None, help="most predictions")
+    score.add_argument(
+        "--full",
+        action="store_true",
+        help="decode JPEGs at full size (slower; by default large JPEGs are decoded "
+        "at a reduced scale that still covers the model's input)",
+    )
+    score.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
+    score.set_defaults(command=score_command)
+
+    inspect = commands.add_parser("inspect", help="describe an export")
+    inspect.add_argument(
+        "--model", type=Path, required=True, help="export folder, zip or .onnx"
+    )
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(command=inspect_command)
+    return parser
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

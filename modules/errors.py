@@ -1,0 +1,48 @@
+"""The module's own errors, one root and one subclass per kind of failure.
+
+ScorerError
+ +-- BadImageError     the bytes are not an image the module will decode
+ +-- BadModelError     the file is not a Custom Vision export that can run here
+ +-- BadSettingError   a setting or desired property has an invalid value
+ +-- BadRequestError   an input message or request is malformed
+ +-- DownloadError     a model could not be fetched
+
+Library errors are translated into these where they happen, with ``from``, so
+callers handle one family and every message already says what went wrong.
+"""
+
+
+class ScorerError(Exception):
+    """Root of every error the module raises on purpose."""
+
+    reason = "error"
+
+
+class BadImageError(ScorerError):
+    """The input is not an image the module accepts."""
+
+    reason = "bad-image"
+
+
+class BadModelError(ScorerError):
+    """The model is not a Custom Vision export that can run here."""
+
+    reason = "bad-model"
+
+
+class BadSettingError(ScorerError):
+    """A setting has a value the module cannot use."""
+
+    reason = "bad-setting"
+
+
+class BadRequestError(ScorerError):
+    """An input message or request is malformed."""
+
+    reason = "bad-request"
+
+
+class DownloadError(ScorerError):
+    """A model could not be downloaded."""
+
+    reason = "download-failed"
