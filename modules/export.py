@@ -235,7 +235,8 @@ def _check_member(member: zipfile.ZipInfo) -> None:
     mode = member.external_attr >> 16
     if stat.S_ISLNK(mode):
         raise BadModelError(f"the zip entry {name!r} is a symbolic link")
-    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    # Zips made on Windows or by writestr carry no file type at all: those are files.
+    if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise BadModelError(f"the zip entry {name!r} is not a regular file")
 
 
