@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.edge_emulator"]
+
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures/customvision"
 
 
