@@ -1,16 +1,25 @@
 """Command line of the scoring module: run it, score image files, inspect a model."""
 
 import argparse
+import asyncio
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from modules import demo
+from modules.connection import Connection
+from modules.edge import EdgeConnection, inside_iot_edge
 from modules.errors import BadImageError, ScorerError
+from modules.local import LocalConnection
 from modules.model import CustomVisionModel, ScoreOptions
 from modules.results import result_document
+from modules.scorer import Scorer
+from modules.service import Service
 
 _LOGGER = logging.getLogger("main")
 
@@ -28,6 +37,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ScorerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def run_command(arguments: argparse.Namespace) -> int:
+    """Run the module: inside IoT Edge when its variables are set, else locally."""
+    return asyncio.run(_run(arguments))
+
+
+async def _run(arguments: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+
+    edge = inside_iot_edge()
+    model_path = arguments.model or (None if edge else demo.DEMO_EXPORT)
+    scorer = Scorer(workers=arguments.workers, threads=arguments.threads)
+    try:
+        if model_path is not None:
+            scorer.activate(await scorer.load(model_path))
+        else:
+            _LOGGER.warning("No model configured: inputs are refused until one is set")
+        service = Service(
+            _connection(arguments, edge, model_path), scorer, workers=arguments.workers
+        )
+        await service.run(stop)
+    finally:
+        scorer.close()
+    return 0
+
+
+def _connection(
+    arguments: argparse.Namespace, edge: bool, model_path: Path | None
+) -> Connection:
+    if edge:
+        return EdgeConnection(retry_interval_s=arguments.reconnect_interval)
+    samples = demo.sample_images() if model_path == demo.DEMO_EXPORT else []
+    stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin
+    return LocalConnection(twin_path=arguments.twin, samples=samples, stdin=stdin)
 
 
 def score_command(arguments: argparse.Namespace) -> int:
@@ -98,7 +145,36 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, default=None, help="onnxruntime intra-op threads"
     )
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    parser.add_argument(
+        "--workers",
+        type=_positive,
+        default=int(os.environ.get("SCORER_WORKERS", "1")),
+        help="images scored at once (env SCORER_WORKERS; default 1)",
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=_env_path("MODEL_PATH"),
+        help="export folder, zip or .onnx to serve (env MODEL_PATH); outside IoT "
+        "Edge the built-in demo export by default",
+    )
+    parser.add_argument(
+        "--twin",
+        type=Path,
+        default=_env_path("TWIN_FILE"),
+        help="outside IoT Edge: a JSON file of desired properties, re-read on change",
+    )
+    parser.add_argument(
+        "--reconnect-interval",
+        type=float,
+        default=float(os.environ.get("RECONNECT_INTERVAL_S", "5")),
+        help="seconds between reconnection attempts to edgeHub (default 5)",
+    )
+    parser.set_defaults(command=run_command)
+    commands = parser.add_subparsers(metavar="COMMAND")
+    commands.add_parser("run", help="run the module (the default)").set_defaults(
+        command=run_command
+    )
 
     score = commands.add_parser("score", help="score image files, one JSON line each")
     score.add_argument(
@@ -122,6 +198,11 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(command=inspect_command)
     return parser
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
 
 
 def _probability(text: str) -> float:

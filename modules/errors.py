@@ -5,7 +5,8 @@ ScorerError
  +-- BadModelError     the file is not a Custom Vision export that can run here
  +-- BadSettingError   a setting or desired property has an invalid value
  +-- BadRequestError   an input message or request is malformed
- +-- DownloadError     a model could not be fetched
+ +-- FetchError        an image or model could not be fetched
+      +-- DownloadError  a model could not be downloaded
 
 Library errors are translated into these where they happen, with ``from``, so
 callers handle one family and every message already says what went wrong.
@@ -16,6 +17,11 @@ class ScorerError(Exception):
     """Root of every error the module raises on purpose."""
 
     reason = "error"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
 
 
 class BadImageError(ScorerError):
@@ -42,7 +48,13 @@ class BadRequestError(ScorerError):
     reason = "bad-request"
 
 
-class DownloadError(ScorerError):
+class FetchError(ScorerError):
+    """A URL could not be fetched, or is not allowed."""
+
+    reason = "fetch-failed"
+
+
+class DownloadError(FetchError):
     """A model could not be downloaded."""
 
     reason = "download-failed"

@@ -43,6 +43,7 @@ class ScoreOptions:
 
     threshold: float | None = None
     max_predictions: int | None = None
+    tags: frozenset[str] = frozenset()  # empty: every tag
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,8 @@ class CustomVisionModel:
             threshold = _default(options.threshold, 0.0)
             limit = options.max_predictions
             found = classify(self._probabilities(outputs), labels)
+        if options.tags:
+            found = [p for p in found if p.tag_name in options.tags]
         return select(found, threshold, limit)
 
     def _probabilities(self, outputs: Sequence[Any]) -> np.ndarray:

@@ -1,0 +1,380 @@
+"""The running module: inputs queued, scored and published; settings in the twin."""
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+
+from .connection import Callbacks, Connection, MethodResult
+from .errors import BadRequestError, ScorerError
+from .inputs import (
+    InputMessage,
+    describe_reference,
+    fetch_allowed_url,
+    is_reference,
+    parse_reference,
+    read_allowed_file,
+)
+from .model import ScoreOptions
+from .results import result_document
+from .scorer import Scorer
+from .settings import Ack, DesiredState, Settings, apply_setting
+from .telemetry import OutputMessage, Telemetry
+
+IMAGES_INPUT = "images"
+QUEUE_SIZE = 32
+DRAIN_TIMEOUT_S = 5.0
+STATS_INTERVAL_S = 10.0
+REPORT_RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+SEND_RETRY_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class Service:
+    """Run the pipeline: source, decode, score, telemetry, connection."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        scorer: Scorer,
+        *,
+        workers: int = 1,
+        queue_size: int = QUEUE_SIZE,
+        model_version: str | None = None,
+    ) -> None:
+        self._connection = connection
+        self._scorer = scorer
+        self._telemetry = Telemetry()
+        self._settings = Settings()
+        self._desired = DesiredState()
+        self._queue: asyncio.Queue[InputMessage] = asyncio.Queue(queue_size)
+        self._workers = workers
+        self._model_version = model_version
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending_report: dict[str, Any] = {}
+        self._report_wanted = asyncio.Event()
+        self._accepting = False
+        self._connected = False
+        self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        self._http: aiohttp.ClientSession | None = None
+
+    @property
+    def settings(self) -> Settings:
+        """Return the settings in force."""
+        return self._settings
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until stop is set, then finish or reject queued work and disconnect."""
+        self._http = aiohttp.ClientSession()
+        try:
+            for index in range(self._workers):
+                self._spawn(self._work(), f"scoring-worker-{index}")
+            self._spawn(self._report_loop(), "twin-reporter")
+            self._spawn(self._stats_loop(), "stats-reporter")
+            self._accepting = True
+            await self._connection.start(self._callbacks())
+            self.report({"status": "ready", **self._state()})
+            _LOGGER.info("Ready: scoring input %r", IMAGES_INPUT)
+            await stop.wait()
+            _LOGGER.info("Stopping")
+            await self._drain()
+        finally:
+            self._accepting = False
+            await self._cancel_tasks()
+            await self._connection.close()
+            await self._http.close()
+
+    def _callbacks(self) -> Callbacks:
+        return Callbacks(
+            on_message=self.submit,
+            on_desired=self.apply_desired,
+            on_method=self.call_method,
+            on_connection=self._on_connection,
+        )
+
+    async def submit(self, message: InputMessage) -> None:
+        """Queue an input message, waiting while the queue is full."""
+        if not self._accepting:
+            error = ScorerError("the module is shutting down", reason="shutting-down")
+            await self._publish_error(error, message, None)
+            return
+        await self._queue.put(message)
+
+    def apply_desired(self, document: dict[str, Any], full: bool) -> None:
+        """Apply what changed in a desired document and acknowledge each property."""
+        version, changes = self._desired.changes(document, full=full)
+        if not changes:
+            return
+        acks: dict[str, Any] = {}
+        for name, value in changes.items():
+            self._settings, ack = apply_setting(self._settings, name, value, version)
+            acks[name] = ack.to_json()
+            _log_ack(name, ack)
+        self.report(acks)
+
+    async def call_method(self, name: str, payload: Any) -> MethodResult:
+        """Answer a direct method."""
+        if name == "status":
+            return 200, self.status()
+        if name == "score":
+            return await self._score_method(payload)
+        return 404, {"reason": "unknown-method", "detail": f"no method named {name}"}
+
+    def status(self) -> dict[str, Any]:
+        """Return the module's state, as the reported properties show it."""
+        return {"status": "ready" if self._accepting else "stopping", **self._state()}
+
+    def report(self, patch: dict[str, Any]) -> None:
+        """Queue a reported-properties patch; the reporter sends and retries it."""
+        self._pending_report.update(patch)
+        self._report_wanted.set()
+
+    async def handle(self, message: InputMessage) -> OutputMessage | None:
+        """Score one input message and publish its result or its error."""
+        source = message.properties.get("source") or message.properties.get("camera")
+        try:
+            data, origin = await self._image_of(message)
+            source = origin.pop("source", None) or source
+            options = self._options()
+            scored, identity = await self._scorer.score(data, options)
+        except ScorerError as error:
+            await self._publish_error(error, message, source)
+            return None
+        origin.update(self._forwarded(message, source))
+        document = result_document(
+            scored,
+            identity,
+            origin,
+            project=self._settings.project,
+            model_version=self._model_version,
+        )
+        output = self._telemetry.result(
+            document,
+            self._settings,
+            source=source,
+            correlation_id=message.correlation_id or message.message_id,
+        )
+        if output is not None:
+            await self._send(output)
+        return output
+
+    async def _work(self) -> None:
+        while True:
+            message = await self._queue.get()
+            try:
+                await self.handle(message)
+            except Exception:
+                _LOGGER.exception("Unexpected failure handling a message")
+            finally:
+                self._queue.task_done()
+
+    async def _image_of(self, message: InputMessage) -> tuple[bytes, dict[str, Any]]:
+        origin: dict[str, Any] = {"input": message.input_name}
+        if not is_reference(message):
+            return message.body, origin
+        try:
+            reference = parse_reference(message.body)
+            origin.update(describe_reference(reference))
+            if reference.source:
+                origin["source"] = reference.source
+            if reference.path is not None:
+                data = await read_allowed_file(
+                    reference.path, self._settings.allowed_paths
+                )
+            else:
+                assert reference.url is not None and self._http is not None
+                data = await fetch_allowed_url(
+                    self._http, reference.url, self._settings.allowed_hosts
+                )
+        except ScorerError:
+            self._scorer.reject()
+            raise
+        return data, origin
+
+    def _options(self) -> ScoreOptions:
+        settings = self._settings
+        return ScoreOptions(settings.threshold, settings.max_predictions, settings.tags)
+
+    def _forwarded(self, message: InputMessage, source: str | None) -> dict[str, Any]:
+        chosen = {
+            name: message.properties[name]
+            for name in self._settings.forward_properties
+            if name in message.properties
+        }
+        ids = {"messageId": message.message_id, "correlationId": message.correlation_id}
+        forwarded: dict[str, Any] = {k: v for k, v in ids.items() if v is not None}
+        if source:
+            forwarded["name"] = source
+        if chosen:
+            forwarded["properties"] = chosen
+        return forwarded
+
+    async def _publish_error(
+        self, error: ScorerError, message: InputMessage, source: str | None
+    ) -> None:
+        _LOGGER.warning("Rejected a message on %s: %s", message.input_name, error)
+        output = self._telemetry.error(
+            error,
+            source=source,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+        )
+        await self._send(output)
+
+    async def _send(self, output: OutputMessage) -> None:
+        for attempt, delay in enumerate((*SEND_RETRY_S, None)):
+            try:
+                await self._connection.send(output)
+                return
+            except (ConnectionError, TimeoutError, OSError) as error:
+                if delay is None:
+                    _LOGGER.error(
+                        "Dropped a %s message after %d tries: %s",
+                        output.output,
+                        attempt + 1,
+                        error,
+                    )
+                    return
+                _LOGGER.debug("Sending failed (%s); retrying in %.1f s", error, delay)
+                await asyncio.sleep(delay)
+
+    async def _score_method(self, payload: Any) -> MethodResult:
+        try:
+            message = _method_message(payload)
+            output = await self._score_for_method(message)
+        except ScorerError as error:
+            status = 400 if error.reason != "scoring-failed" else 500
+            return status, {"reason": error.reason, "detail": str(error)}
+        return 200, output
+
+    async def _score_for_method(self, message: InputMessage) -> dict[str, Any]:
+        data, origin = await self._image_of(message)
+        scored, identity = await self._scorer.score(data, self._options())
+        origin.pop("source", None)
+        return result_document(
+            scored,
+            identity,
+            {**origin, "input": "$method"},
+            project=self._settings.project,
+            model_version=self._model_version,
+        )
+
+    def _on_connection(self, connected: bool) -> None:
+        if connected == self._connected:
+            return
+        self._connected = connected
+        if connected:
+            _LOGGER.info("Connection to edgeHub restored")
+            self._report_wanted.set()
+        else:
+            _LOGGER.warning("Connection to edgeHub lost; the SDK is reconnecting")
+
+    async def _report_loop(self) -> None:
+        while True:
+            await self._report_wanted.wait()
+            self._report_wanted.clear()
+            patch, self._pending_report = self._pending_report, {}
+            if patch:
+                await self._report_with_retry(patch)
+
+    async def _report_with_retry(self, patch: dict[str, Any]) -> None:
+        for delay in (*REPORT_RETRY_S, None):
+            try:
+                await self._connection.report(patch)
+                return
+            except (ConnectionError, TimeoutError, OSError) as error:
+                if delay is None:
+                    break
+                _LOGGER.debug("Reporting failed (%s); retrying in %.0f s", error, delay)
+                await asyncio.sleep(delay)
+        # Keep it for the next attempt; newer values of the same keys win.
+        self._pending_report = {**patch, **self._pending_report}
+
+    async def _stats_loop(self) -> None:
+        reported: dict[str, Any] = {}
+        while True:
+            await asyncio.sleep(STATS_INTERVAL_S)
+            counts = self._counts()
+            if counts != reported:
+                self.report({"counts": counts})
+                reported = counts
+
+    def _state(self) -> dict[str, Any]:
+        identity = self._scorer.identity
+        model = identity.to_json() if identity else None
+        if model is not None:
+            model["version"] = self._model_version
+        return {
+            "startedAt": self._started_at,
+            "activeModel": model,
+            "counts": self._counts(),
+        }
+
+    def _counts(self) -> dict[str, int]:
+        counts = self._scorer.counts
+        return {
+            "scored": counts.scored,
+            "rejected": counts.rejected,
+            "failed": counts.failed,
+            "suppressed": self._telemetry.suppressed,
+        }
+
+    async def _drain(self) -> None:
+        self._accepting = False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), DRAIN_TIMEOUT_S)
+        while not self._queue.empty():
+            message = self._queue.get_nowait()
+            self._queue.task_done()
+            error = ScorerError(
+                "the module stopped before scoring it", reason="shutting-down"
+            )
+            await self._publish_error(error, message, None)
+        if self._pending_report:
+            with contextlib.suppress(ConnectionError, TimeoutError, OSError):
+                await asyncio.wait_for(
+                    self._connection.report(self._pending_report), 2.0
+                )
+
+    def _spawn(self, coroutine: Any, name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _method_message(payload: Any) -> InputMessage:
+    if not isinstance(payload, dict):
+        raise BadRequestError(
+            'the payload must be {"image": base64} or {"path": ...} or {"url": ...}',
+            reason="bad-request",
+        )
+    if "image" in payload:
+        try:
+            data = base64.b64decode(payload["image"], validate=True)
+        except (binascii.Error, TypeError, ValueError) as error:
+            raise BadRequestError(
+                f"image is not base64: {error}", reason="bad-request"
+            ) from error
+        return InputMessage("$method", data)
+    return InputMessage(
+        "$method", json.dumps(payload).encode(), content_type="application/json"
+    )
+
+
+def _log_ack(name: str, ack: Ack) -> None:
+    if ack.code >= 400:
+        _LOGGER.warning("Desired %s refused (%d): %s", name, ack.code, ack.description)
+    else:
+        _LOGGER.info("Desired %s %s (version %s)", name, ack.description, ack.version)
