@@ -13,13 +13,16 @@ from typing import Any
 
 from modules import demo
 from modules.connection import Connection
+from modules.download import DownloadPolicy
 from modules.edge import EdgeConnection, inside_iot_edge
 from modules.errors import BadImageError, ScorerError
 from modules.local import LocalConnection
 from modules.model import CustomVisionModel, ScoreOptions
 from modules.results import result_document
+from modules.rollout import restore_model
 from modules.scorer import Scorer
 from modules.service import Service
+from modules.store import ModelStore
 
 _LOGGER = logging.getLogger("main")
 
@@ -32,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The SDK narrates every MQTT step at INFO; its warnings and errors still show.
+    for noisy in ("azure.iot.device", "paho"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(arguments.command(arguments))
     except ScorerError as error:
@@ -51,15 +57,19 @@ async def _run(arguments: argparse.Namespace) -> int:
         loop.add_signal_handler(signal_number, stop.set)
 
     edge = inside_iot_edge()
-    model_path = arguments.model or (None if edge else demo.DEMO_EXPORT)
     scorer = Scorer(workers=arguments.workers, threads=arguments.threads)
     try:
-        if model_path is not None:
-            scorer.activate(await scorer.load(model_path))
-        else:
-            _LOGGER.warning("No model configured: inputs are refused until one is set")
+        store = await _open_store(arguments.model_store)
+        fallback = arguments.model or (None if edge else demo.DEMO_EXPORT)
+        stored = await restore_model(scorer, store, fallback)
+        connection = _connection(arguments, edge, scorer)
         service = Service(
-            _connection(arguments, edge, model_path), scorer, workers=arguments.workers
+            connection,
+            scorer,
+            workers=arguments.workers,
+            store=store,
+            stored_model=stored,
+            download_policy=_download_policy(arguments),
         )
         await service.run(stop)
     finally:
@@ -67,12 +77,35 @@ async def _run(arguments: argparse.Namespace) -> int:
     return 0
 
 
+async def _open_store(root: Path) -> ModelStore | None:
+    try:
+        return await asyncio.to_thread(ModelStore, root)
+    except OSError as error:
+        _LOGGER.error(
+            "Model store %s unusable, models cannot be rolled out: %s", root, error
+        )
+        return None
+
+
+def _download_policy(arguments: argparse.Namespace) -> DownloadPolicy:
+    base = arguments.download_retry_delay
+    return DownloadPolicy(
+        max_bytes=arguments.download_max_mb * 1024 * 1024,
+        read_timeout_s=arguments.download_timeout,
+        retry_delays_s=tuple(
+            base * 4**attempt for attempt in range(arguments.download_retries)
+        ),
+    )
+
+
 def _connection(
-    arguments: argparse.Namespace, edge: bool, model_path: Path | None
+    arguments: argparse.Namespace, edge: bool, scorer: Scorer
 ) -> Connection:
     if edge:
         return EdgeConnection(retry_interval_s=arguments.reconnect_interval)
-    samples = demo.sample_images() if model_path == demo.DEMO_EXPORT else []
+    model = scorer.model
+    serving_demo = model is not None and model.identity.origin == str(demo.DEMO_EXPORT)
+    samples = demo.sample_images() if serving_demo else []
     stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin
     return LocalConnection(twin_path=arguments.twin, samples=samples, stdin=stdin)
 
@@ -169,6 +202,37 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=float(os.environ.get("RECONNECT_INTERVAL_S", "5")),
         help="seconds between reconnection attempts to edgeHub (default 5)",
+    )
+    parser.add_argument(
+        "--model-store",
+        type=Path,
+        default=_env_path("MODEL_STORE") or Path("model-store"),
+        help="folder where models rolled out through the twin are kept "
+        "(env MODEL_STORE; default ./model-store)",
+    )
+    parser.add_argument(
+        "--download-timeout",
+        type=float,
+        default=float(os.environ.get("MODEL_DOWNLOAD_TIMEOUT_S", "30")),
+        help="seconds a model download may stall before it is retried (default 30)",
+    )
+    parser.add_argument(
+        "--download-retries",
+        type=int,
+        default=int(os.environ.get("MODEL_DOWNLOAD_RETRIES", "3")),
+        help="retries of a failed model download (default 3)",
+    )
+    parser.add_argument(
+        "--download-retry-delay",
+        type=float,
+        default=float(os.environ.get("MODEL_DOWNLOAD_RETRY_DELAY_S", "1")),
+        help="seconds before the first retry; each next one waits 4 times longer",
+    )
+    parser.add_argument(
+        "--download-max-mb",
+        type=int,
+        default=int(os.environ.get("MODEL_DOWNLOAD_MAX_MB", "512")),
+        help="largest model download accepted, in MiB (default 512)",
     )
     parser.set_defaults(command=run_command)
     commands = parser.add_subparsers(metavar="COMMAND")

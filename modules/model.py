@@ -58,11 +58,13 @@ class ModelIdentity:
     float16: bool
     multilabel: bool
     origin: str
+    version: str | None = None  # the label a rollout gave it, if any
 
     def to_json(self) -> dict[str, Any]:
         """Return the identity as a JSON object."""
         return {
             "sha256": self.sha256,
+            "version": self.version,
             "flavor": self.flavor.value,
             "float16": self.float16,
             "multilabel": self.multilabel,

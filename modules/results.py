@@ -14,13 +14,12 @@ def result_document(
     source: Mapping[str, Any],
     *,
     project: str | None = None,
-    model_version: str | None = None,
 ) -> dict[str, Any]:
     """Return the result for one scored image, in the shape consumers read."""
     model: dict[str, Any] = {
         "sha256": identity.sha256,
         "flavor": identity.flavor.value,
-        "version": model_version,
+        "version": identity.version,
     }
     return {
         "id": str(uuid.uuid4()),

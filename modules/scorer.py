@@ -1,6 +1,7 @@
 """The scorer: holds the active model, scores off the event loop, counts, swaps."""
 
 import asyncio
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,7 @@ class Scorer:
         workers: int = 1,
         threads: int | None = None,
     ) -> None:
-        self._model = model
+        self._active = (model, model.identity) if model else None
         self._threads = threads
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="scorer")
         self.counts = Counts()
@@ -45,21 +46,22 @@ class Scorer:
     @property
     def model(self) -> CustomVisionModel | None:
         """Return the active model, if any."""
-        return self._model
+        return self._active[0] if self._active else None
 
     @property
     def identity(self) -> ModelIdentity | None:
         """Return the active model's identity, if any."""
-        return self._model.identity if self._model else None
+        return self._active[1] if self._active else None
 
     async def score(
         self, data: bytes, options: ScoreOptions
     ) -> tuple[Scored, ModelIdentity]:
         """Score image bytes on the active model, in the scoring threads."""
-        model = self._model
-        if model is None:
+        active = self._active  # read once: a swap never changes a request's model
+        if active is None:
             self.counts.failed += 1
             raise ScorerError("no model is loaded yet", reason="no-model")
+        model, identity = active
         loop = asyncio.get_running_loop()
         try:
             scored = await loop.run_in_executor(
@@ -70,12 +72,12 @@ class Scorer:
             raise
         except Exception as error:
             self.counts.failed += 1
-            _LOGGER.exception("Scoring failed on %s", model.identity.sha256[:12])
+            _LOGGER.exception("Scoring failed on %s", identity.sha256[:12])
             raise ScorerError(
                 f"scoring failed: {error}", reason="scoring-failed"
             ) from error
         self.counts.scored += 1
-        return scored, model.identity
+        return scored, identity
 
     def reject(self) -> None:
         """Count an input refused before it reached a model."""
@@ -88,13 +90,18 @@ class Scorer:
             CustomVisionModel.load, path, threads=self._threads
         )
 
-    def activate(self, model: CustomVisionModel) -> CustomVisionModel | None:
+    def activate(
+        self, model: CustomVisionModel, version: str | None = None
+    ) -> CustomVisionModel | None:
         """Make a loaded model the active one and return the one it replaces."""
-        previous, self._model = self._model, model
+        identity = dataclasses.replace(model.identity, version=version)
+        previous = self.model
+        self._active = (model, identity)
         _LOGGER.info(
-            "Active model is now %s (%s)",
-            model.identity.sha256[:12],
-            model.identity.flavor.description,
+            "Active model is now %s%s (%s)",
+            identity.sha256[:12],
+            f", version {version}" if version else "",
+            identity.flavor.description,
         )
         return previous
 

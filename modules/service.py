@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from .connection import Callbacks, Connection, MethodResult
+from .download import DownloadPolicy
 from .errors import BadRequestError, ScorerError
 from .inputs import (
     InputMessage,
@@ -23,8 +24,10 @@ from .inputs import (
 )
 from .model import ScoreOptions
 from .results import result_document
+from .rollout import MODEL_PROPERTY, Rollout
 from .scorer import Scorer
 from .settings import Ack, DesiredState, Settings, apply_setting
+from .store import ModelStore, StoredModel
 from .telemetry import OutputMessage, Telemetry
 
 IMAGES_INPUT = "images"
@@ -33,6 +36,8 @@ DRAIN_TIMEOUT_S = 5.0
 STATS_INTERVAL_S = 10.0
 REPORT_RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 SEND_RETRY_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+_UNCHANGED = object()
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -47,16 +52,21 @@ class Service:
         *,
         workers: int = 1,
         queue_size: int = QUEUE_SIZE,
-        model_version: str | None = None,
+        store: ModelStore | None = None,
+        stored_model: StoredModel | None = None,
+        download_policy: DownloadPolicy | None = None,
     ) -> None:
         self._connection = connection
         self._scorer = scorer
+        self._store = store
+        self._stored_model = stored_model
+        self._download_policy = download_policy
+        self._rollout: Rollout | None = None
         self._telemetry = Telemetry()
         self._settings = Settings()
         self._desired = DesiredState()
         self._queue: asyncio.Queue[InputMessage] = asyncio.Queue(queue_size)
         self._workers = workers
-        self._model_version = model_version
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending_report: dict[str, Any] = {}
         self._report_wanted = asyncio.Event()
@@ -73,6 +83,15 @@ class Service:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until stop is set, then finish or reject queued work and disconnect."""
         self._http = aiohttp.ClientSession()
+        if self._store is not None:
+            self._rollout = Rollout(
+                self._scorer,
+                self._store,
+                self._http,
+                self.report,
+                self._download_policy,
+            )
+            self._rollout.set_active(self._stored_model)
         try:
             for index in range(self._workers):
                 self._spawn(self._work(), f"scoring-worker-{index}")
@@ -87,6 +106,8 @@ class Service:
             await self._drain()
         finally:
             self._accepting = False
+            if self._rollout is not None:
+                await self._rollout.close()
             await self._cancel_tasks()
             await self._connection.close()
             await self._http.close()
@@ -110,14 +131,17 @@ class Service:
     def apply_desired(self, document: dict[str, Any], full: bool) -> None:
         """Apply what changed in a desired document and acknowledge each property."""
         version, changes = self._desired.changes(document, full=full)
-        if not changes:
-            return
+        model = changes.pop(MODEL_PROPERTY, _UNCHANGED)
         acks: dict[str, Any] = {}
         for name, value in changes.items():
             self._settings, ack = apply_setting(self._settings, name, value, version)
             acks[name] = ack.to_json()
             _log_ack(name, ack)
-        self.report(acks)
+        if acks:
+            self.report(acks)
+        # After the other settings: a patch may allow a host and name a model on it.
+        if model is not _UNCHANGED:
+            self._request_model(model, version)
 
     async def call_method(self, name: str, payload: Any) -> MethodResult:
         """Answer a direct method."""
@@ -125,11 +149,20 @@ class Service:
             return 200, self.status()
         if name == "score":
             return await self._score_method(payload)
+        if name == "rollback" and self._rollout is not None:
+            return await self._rollout.rollback()
         return 404, {"reason": "unknown-method", "detail": f"no method named {name}"}
 
     def status(self) -> dict[str, Any]:
         """Return the module's state, as the reported properties show it."""
         return {"status": "ready" if self._accepting else "stopping", **self._state()}
+
+    def _request_model(self, value: Any, version: int | None) -> None:
+        if self._rollout is None:
+            ack = Ack(value, 400, version, "this module runs without a model store")
+            self.report({MODEL_PROPERTY: ack.to_json()})
+            return
+        self._rollout.request(value, version, self._settings)
 
     def report(self, patch: dict[str, Any]) -> None:
         """Queue a reported-properties patch; the reporter sends and retries it."""
@@ -153,7 +186,6 @@ class Service:
             identity,
             origin,
             project=self._settings.project,
-            model_version=self._model_version,
         )
         output = self._telemetry.result(
             document,
@@ -263,7 +295,6 @@ class Service:
             identity,
             {**origin, "input": "$method"},
             project=self._settings.project,
-            model_version=self._model_version,
         )
 
     def _on_connection(self, connected: bool) -> None:
@@ -309,8 +340,6 @@ class Service:
     def _state(self) -> dict[str, Any]:
         identity = self._scorer.identity
         model = identity.to_json() if identity else None
-        if model is not None:
-            model["version"] = self._model_version
         return {
             "startedAt": self._started_at,
             "activeModel": model,

@@ -8,7 +8,6 @@ reconnect; `DesiredState` remembers what was applied so a replay applies nothing
 """
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -56,6 +55,8 @@ class Settings:
     only_on_change: bool = False
     forward_properties: tuple[str, ...] = DEFAULT_FORWARDED_PROPERTIES
     project: str | None = None
+    insecure_model_hosts: frozenset[str] = frozenset()
+    allow_unverified_models: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ class Ack:
 def _number(value: Any, name: str, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadSettingError(f"{name} must be a number, not {_kind(value)}")
-    if not math.isfinite(value) or not low <= value <= high:
+    # Compared without converting to float: JSON may hold an int too large for
+    # one, and NaN fails any comparison.
+    if not low <= value <= high:
         raise BadSettingError(f"{name} must be between {low:g} and {high:g}")
     return float(value)
 
@@ -155,14 +158,25 @@ def _allowed_paths(value: Any) -> tuple[PurePosixPath, ...]:
     return paths
 
 
+def _host_names(hosts: tuple[str, ...], name: str) -> frozenset[str]:
+    for host in hosts:
+        if any(char in host for char in "/@?# "):
+            raise BadSettingError(f"{name} must hold host names only: {host!r}")
+    return frozenset(host.lower() for host in hosts)
+
+
+def _flag(value: Any, name: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BadSettingError(f"{name} must be true or false, not {value!r}")
+    return value
+
+
 def _allowed_hosts(value: Any) -> frozenset[str]:
     if value is None:
         return frozenset()
-    hosts = _strings(value, "allowedHosts")
-    for host in hosts:
-        if any(char in host for char in "/@?# "):
-            raise BadSettingError(f"allowedHosts must hold host names only: {host!r}")
-    return frozenset(host.lower() for host in hosts)
+    return _host_names(_strings(value, "allowedHosts"), "allowedHosts")
 
 
 def _min_interval(value: Any) -> float:
@@ -170,11 +184,17 @@ def _min_interval(value: Any) -> float:
 
 
 def _only_on_change(value: Any) -> bool:
+    return _flag(value, "onlyOnChange")
+
+
+def _insecure_model_hosts(value: Any) -> frozenset[str]:
     if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise BadSettingError(f"onlyOnChange must be true or false, not {value!r}")
-    return value
+        return frozenset()
+    return _host_names(_strings(value, "insecureModelHosts"), "insecureModelHosts")
+
+
+def _allow_unverified_models(value: Any) -> bool:
+    return _flag(value, "allowUnverifiedModels")
 
 
 def _forward_properties(value: Any) -> tuple[str, ...]:
@@ -201,6 +221,8 @@ SETTINGS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
     "onlyOnChange": ("only_on_change", _only_on_change),
     "forwardProperties": ("forward_properties", _forward_properties),
     "project": ("project", _project),
+    "insecureModelHosts": ("insecure_model_hosts", _insecure_model_hosts),
+    "allowUnverifiedModels": ("allow_unverified_models", _allow_unverified_models),
 }
 
 

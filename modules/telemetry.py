@@ -64,9 +64,12 @@ class Telemetry:
         top = predictions[0] if predictions else None
         top_tag = top["tagName"] if top else None
         alerts = fired_alerts(predictions, settings)
-        if not alerts and not self._due(source or DEFAULT_SOURCE, top_tag, settings):
+        name, now = source or DEFAULT_SOURCE, self._clock()
+        if not alerts and not self._due(name, top_tag, settings, now):
             self.suppressed += 1
             return None
+        # Alerts bypass the rate, yet later results are compared with them too.
+        self._record(name, top_tag, now)
         if alerts:
             document["alerts"] = alerts
         properties = {
@@ -110,23 +113,24 @@ class Telemetry:
             correlation_id or message_id,
         )
 
-    def _due(self, source: str, top_tag: str | None, settings: Settings) -> bool:
-        now = self._clock()
+    def _due(
+        self, source: str, top_tag: str | None, settings: Settings, now: float
+    ) -> bool:
         state = self._sources.get(source)
         if state is None:
-            self._remember(source, _SourceState(now, top_tag))
             return True
         # Compared with the last result sent, so a change held back by the interval
         # is still sent once the interval has passed.
         if settings.only_on_change and top_tag == state.top_tag:
             return False
-        if now - state.last_sent < settings.min_interval_s:
-            return False
-        state.last_sent, state.top_tag = now, top_tag
-        return True
+        return now - state.last_sent >= settings.min_interval_s
 
-    def _remember(self, source: str, state: _SourceState) -> None:
-        self._sources[source] = state
+    def _record(self, source: str, top_tag: str | None, now: float) -> None:
+        state = self._sources.get(source)
+        if state is not None:
+            state.last_sent, state.top_tag = now, top_tag
+            return
+        self._sources[source] = _SourceState(now, top_tag)
         if len(self._sources) > MAX_TRACKED_SOURCES:
             self._sources.popitem(last=False)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.edge_emulator"]
+pytest_plugins = ["tests.edge_emulator", "tests.model_server"]
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures/customvision"
 

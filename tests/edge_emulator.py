@@ -117,8 +117,14 @@ def require_tools(missing: list[str], environ: Mapping[str, str]) -> None:
 def edge_emulator(tmp_path: Path) -> Iterator["EdgeEmulator"]:
     """Yield a started emulated IoT Edge and stop it afterwards."""
     require_tools(missing_tools(), os.environ)
-    with EdgeEmulator(tmp_path) as emulator:
+    with EdgeEmulator(tmp_path, random_loopback_address()) as emulator:
         yield emulator
+
+
+def random_loopback_address() -> str:
+    """Return an address in 127.0.0.0/8, so test runs side by side never share 8883."""
+    second, third, fourth = (secrets.randbelow(254) + 1 for _ in range(3))
+    return f"127.{second}.{third}.{fourth}"
 
 
 class EdgeEmulator:

@@ -3,54 +3,18 @@ emulated edgeHub."""
 
 import base64
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from modules.demo import DEMO_EXPORT
 from tests import cvmodels
 from tests.edge_emulator import EdgeEmulator, OutputMessage
+from tests.module_process import WAIT_S, RunningModule, start_module
 
-ROOT = Path(__file__).resolve().parents[1]
-READY_TIMEOUT_S = 30.0
-WAIT_S = 15.0
 RED = cvmodels.solid_image((220, 40, 40), size=(64, 48), fmt="JPEG")
 BLUE = cvmodels.solid_image((40, 80, 200), size=(64, 48), fmt="PNG")
-
-
-@dataclass
-class RunningModule:
-    """The module process and the emulated edge around it."""
-
-    edge: EdgeEmulator
-    process: subprocess.Popen[bytes]
-    log: Path
-    frames: Path
-
-    def results(self, count: int, **kwargs: Any) -> list[OutputMessage]:
-        """Wait for at least count messages on the results output."""
-        return self.edge.wait_outputs(count, name="results", timeout=WAIT_S, **kwargs)
-
-    def errors(self, count: int) -> list[OutputMessage]:
-        """Wait for at least count messages on the errors output."""
-        return self.edge.wait_outputs(count, name="errors", timeout=WAIT_S)
-
-    def send(self, body: bytes, **kwargs: Any) -> None:
-        """Send a message to the module's images input."""
-        self.edge.send_input("images", body, **kwargs)
-
-    def stop(self) -> int:
-        """Send SIGTERM and return the exit status."""
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=WAIT_S)
 
 
 @pytest.fixture
@@ -59,35 +23,11 @@ def module(edge_emulator: EdgeEmulator, tmp_path: Path) -> Iterator[RunningModul
     frames = tmp_path / "frames"
     frames.mkdir()
     edge_emulator.set_desired({"allowedPaths": [str(frames)], "project": "fruit-line"})
-    log = tmp_path / "module.log"
-    env = {
-        **os.environ,
-        **edge_emulator.env(),
-        "RECONNECT_INTERVAL_S": "1",
-        "MODEL_PATH": str(DEMO_EXPORT),
-    }
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "main.py")],
-            cwd=ROOT,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    running = RunningModule(edge_emulator, process, log, frames)
+    running = start_module(edge_emulator, tmp_path, frames=frames)
     try:
-        try:
-            edge_emulator.wait_reported(
-                lambda reported: reported.get("status") == "ready",
-                timeout=READY_TIMEOUT_S,
-            )
-        except AssertionError as error:
-            raise AssertionError(f"{error}\nmodule log:\n{log.read_text()}") from None
         yield running
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        running.kill()
 
 
 def top_tag(message: OutputMessage) -> str:
@@ -205,8 +145,13 @@ def test_broker_restart_reconnects_and_applies_nothing_twice(
     module.send(BLUE)
     results = module.results(2)
 
-    acks = [p for p in module.edge.reported_patches if "maxPredictions" in p]
-    assert len(acks) == 1
+    assert module.log_text().count("Desired maxPredictions applied") == 1
+    acks = [
+        p["maxPredictions"]
+        for p in module.edge.reported_patches
+        if "maxPredictions" in p
+    ]
+    assert all(ack["av"] == version for ack in acks)
     assert top_tag(results[1]) == "blue"
     assert len(results[1].json()["predictions"]) <= 2
 
