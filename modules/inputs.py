@@ -3,9 +3,10 @@
 import asyncio
 import json
 import os
+import stat
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import aiohttp
@@ -130,25 +131,37 @@ def _within(path: str, root: str) -> bool:
 
 
 def _read_allowed(path: str, allowed: Collection[PurePosixPath], limit: int) -> bytes:
-    resolved = Path(os.path.realpath(path))
     roots = [os.path.realpath(root) for root in allowed]
-    if not any(_within(str(resolved), root) for root in roots):
-        raise BadRequestError(
-            f"{path} is not under a folder in allowedPaths", reason="path-not-allowed"
-        )
-    return _read_limited(resolved, limit)
-
-
-def _read_limited(path: Path, limit: int) -> bytes:
+    refused = BadRequestError(
+        f"{path} is not under a folder in allowedPaths", reason="path-not-allowed"
+    )
+    if not any(_within(os.path.realpath(path), root) for root in roots):
+        raise refused
     try:
-        with path.open("rb") as stream:
-            data = stream.read(limit + 1)
+        # Non-blocking, so that a named pipe cannot hold a worker at open().
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as error:
         raise BadRequestError(
             f"cannot read {path}: {error.strerror}", reason="unreadable-file"
         ) from error
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise BadRequestError(f"{path} is not a regular file", reason="unreadable-file")
+    with os.fdopen(descriptor, "rb") as stream:
+        # Checked again on what was opened: a link swapped in meanwhile cannot escape.
+        opened = _opened_path(descriptor)
+        if opened is not None and not any(_within(opened, root) for root in roots):
+            raise refused
+        data = stream.read(limit + 1)
     if len(data) > limit:
         raise BadRequestError(
             f"{path} is larger than {limit} bytes", reason="too-large"
         )
     return data
+
+
+def _opened_path(descriptor: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{descriptor}")
+    except OSError:
+        return None  # no /proc (not Linux): the check before opening stands

@@ -162,6 +162,10 @@ def _host_names(hosts: tuple[str, ...], name: str) -> frozenset[str]:
     for host in hosts:
         if any(char in host for char in "/@?# "):
             raise BadSettingError(f"{name} must hold host names only: {host!r}")
+        if host.count(":") == 1:  # IPv6 literals hold several
+            raise BadSettingError(
+                f"{name} must hold host names without a port: {host!r}"
+            )
     return frozenset(host.lower() for host in hosts)
 
 

@@ -129,6 +129,7 @@ class Telemetry:
         state = self._sources.get(source)
         if state is not None:
             state.last_sent, state.top_tag = now, top_tag
+            self._sources.move_to_end(source)  # the least recently sent go first
             return
         self._sources[source] = _SourceState(now, top_tag)
         if len(self._sources) > MAX_TRACKED_SOURCES:

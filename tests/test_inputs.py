@@ -1,6 +1,7 @@
 """Input messages: references to files and URLs, read only where the settings allow."""
 
 import asyncio
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -282,6 +283,19 @@ async def test_unreadable_file_is_refused(
 
     with pytest.raises(BadRequestError) as caught:
         await read_allowed_file(str(allowed / name), [PurePosixPath(allowed)])
+
+    assert caught.value.reason == "unreadable-file"
+
+
+async def test_named_pipe_is_refused_without_blocking(
+    folders: tuple[Path, Path],
+) -> None:
+    allowed, _ = folders
+    pipe = allowed / "frames.fifo"
+    os.mkfifo(pipe)
+
+    with pytest.raises(BadRequestError, match="not a regular file") as caught:
+        await read_allowed_file(str(pipe), [PurePosixPath(allowed)])
 
     assert caught.value.reason == "unreadable-file"
 

@@ -147,6 +147,11 @@ INVALID = [
         ["user@camera"],
         "allowedHosts must hold host names only: 'user@camera'",
     ),
+    (
+        "allowedHosts",
+        ["camera.local:8080"],
+        "allowedHosts must hold host names without a port: 'camera.local:8080'",
+    ),
     ("minIntervalS", -1, "minIntervalS must be between 0 and 86400"),
     ("minIntervalS", 86400.5, "minIntervalS must be between 0 and 86400"),
     ("minIntervalS", False, "minIntervalS must be a number, not bool"),
