@@ -70,6 +70,7 @@ async def _run(arguments: argparse.Namespace) -> int:
             store=store,
             stored_model=stored,
             download_policy=_download_policy(arguments),
+            http_port=arguments.http_port or None,
         )
         await service.run(stop)
     finally:
@@ -233,6 +234,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=int(os.environ.get("MODEL_DOWNLOAD_MAX_MB", "512")),
         help="largest model download accepted, in MiB (default 512)",
+    )
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=int(os.environ.get("HTTP_PORT", "8080")),
+        help="port of the HTTP API (env HTTP_PORT; default 8080; 0 turns it off)",
     )
     parser.set_defaults(command=run_command)
     commands = parser.add_subparsers(metavar="COMMAND")

@@ -3,12 +3,12 @@
 import asyncio
 import dataclasses
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ScorerError
+from .metrics import Histogram
 from .model import CustomVisionModel, ModelIdentity, Scored, ScoreOptions
 
 _LOGGER = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ class Scorer:
         self._threads = threads
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="scorer")
         self.counts = Counts()
-        self.started = time.time()
+        self.latency = Histogram()  # bytes in to predictions out, seconds
+        self.inference = Histogram()  # the session run alone, seconds
 
     @property
     def model(self) -> CustomVisionModel | None:
@@ -77,6 +78,8 @@ class Scorer:
                 f"scoring failed: {error}", reason="scoring-failed"
             ) from error
         self.counts.scored += 1
+        self.latency.observe(sum(scored.timings_ms.values()) / 1000.0)
+        self.inference.observe(scored.timings_ms.get("inference", 0.0) / 1000.0)
         return scored, identity
 
     def reject(self) -> None:

@@ -14,6 +14,7 @@ import aiohttp
 from .connection import Callbacks, Connection, MethodResult
 from .download import DownloadPolicy
 from .errors import BadRequestError, ScorerError
+from .http_api import HttpApi
 from .inputs import (
     InputMessage,
     describe_reference,
@@ -22,6 +23,7 @@ from .inputs import (
     parse_reference,
     read_allowed_file,
 )
+from .metrics import render_metrics
 from .model import ScoreOptions
 from .results import result_document
 from .rollout import MODEL_PROPERTY, Rollout
@@ -55,6 +57,7 @@ class Service:
         store: ModelStore | None = None,
         stored_model: StoredModel | None = None,
         download_policy: DownloadPolicy | None = None,
+        http_port: int | None = None,
     ) -> None:
         self._connection = connection
         self._scorer = scorer
@@ -62,6 +65,9 @@ class Service:
         self._stored_model = stored_model
         self._download_policy = download_policy
         self._rollout: Rollout | None = None
+        self._http_api = (
+            HttpApi(self, port=http_port) if http_port is not None else None
+        )
         self._telemetry = Telemetry()
         self._settings = Settings()
         self._desired = DesiredState()
@@ -98,6 +104,8 @@ class Service:
             self._spawn(self._report_loop(), "twin-reporter")
             self._spawn(self._stats_loop(), "stats-reporter")
             self._accepting = True
+            if self._http_api is not None:
+                await self._http_api.start()
             await self._connection.start(self._callbacks())
             self.report({"status": "ready", **self._state()})
             _LOGGER.info("Ready: scoring input %r", IMAGES_INPUT)
@@ -106,6 +114,8 @@ class Service:
             await self._drain()
         finally:
             self._accepting = False
+            if self._http_api is not None:
+                await self._http_api.close()
             if self._rollout is not None:
                 await self._rollout.close()
             await self._cancel_tasks()
@@ -163,6 +173,57 @@ class Service:
             self.report({MODEL_PROPERTY: ack.to_json()})
             return
         self._rollout.request(value, version, self._settings)
+
+    async def score_image(
+        self,
+        data: bytes,
+        *,
+        threshold: float | None,
+        max_predictions: int | None,
+        origin: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Score image bytes for the HTTP API, publishing the result if set to."""
+        if not self._accepting:
+            raise ScorerError("the module is shutting down", reason="shutting-down")
+        settings = self._settings
+        options = ScoreOptions(
+            settings.threshold if threshold is None else threshold,
+            settings.max_predictions if max_predictions is None else max_predictions,
+            settings.tags,
+        )
+        scored, identity = await self._scorer.score(data, options)
+        document = result_document(scored, identity, origin, project=settings.project)
+        if settings.http_results:
+            output = self._telemetry.result(
+                dict(document), settings, source=origin.get("http"), correlation_id=None
+            )
+            if output is not None:
+                await self._send(output)
+        return document
+
+    async def fetch_image(self, url: str) -> bytes:
+        """Fetch an image from a host in allowedHosts."""
+        assert self._http is not None
+        try:
+            return await fetch_allowed_url(
+                self._http, url, self._settings.allowed_hosts
+            )
+        except ScorerError:
+            self._scorer.reject()
+            raise
+
+    def health(self) -> tuple[bool, str]:
+        """Say whether the module can score now, and if not, why."""
+        identity = self._scorer.identity
+        if not self._accepting:
+            return False, "the module is starting or stopping"
+        if identity is None:
+            return False, "no model is loaded; roll one out through the twin"
+        return True, f"serving {identity.flavor.value} {identity.sha256[:12]}"
+
+    def metrics_text(self) -> str:
+        """Return the Prometheus exposition of the module's counters and latencies."""
+        return render_metrics(self._scorer, self._telemetry, self._queue.qsize())
 
     def report(self, patch: dict[str, Any]) -> None:
         """Queue a reported-properties patch; the reporter sends and retries it."""

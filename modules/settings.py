@@ -57,6 +57,7 @@ class Settings:
     project: str | None = None
     insecure_model_hosts: frozenset[str] = frozenset()
     allow_unverified_models: bool = False
+    http_results: bool = False
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,10 @@ def _allow_unverified_models(value: Any) -> bool:
     return _flag(value, "allowUnverifiedModels")
 
 
+def _http_results(value: Any) -> bool:
+    return _flag(value, "httpResults")
+
+
 def _forward_properties(value: Any) -> tuple[str, ...]:
     if value is None:
         return DEFAULT_FORWARDED_PROPERTIES
@@ -227,6 +232,7 @@ SETTINGS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
     "project": ("project", _project),
     "insecureModelHosts": ("insecure_model_hosts", _insecure_model_hosts),
     "allowUnverifiedModels": ("allow_unverified_models", _allow_unverified_models),
+    "httpResults": ("http_results", _http_results),
 }
 
 

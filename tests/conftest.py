@@ -1,14 +1,19 @@
 """Shared fixtures: the real Custom Vision exports beside the repository, and exports
 built from synthetic models."""
 
+import asyncio
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 pytest_plugins = ["tests.edge_emulator", "tests.model_server"]
 
+# asyncio's debug mode reports callbacks slower than this; scoring runs in threads,
+# so anything close to it on the loop is a bug.
+SLOW_CALLBACK_S = 0.1
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures/customvision"
 
 
@@ -53,3 +58,19 @@ def write_export(tmp_path: Path) -> Callable[..., Path]:
         return folder
 
     return write
+
+
+@pytest.fixture
+async def loop_watchdog(caplog: pytest.LogCaptureFixture) -> AsyncIterator[None]:
+    """Fail the test if any callback blocks the event loop for too long."""
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = SLOW_CALLBACK_S
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    yield
+    slow = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "asyncio" and "took" in r.getMessage()
+    ]
+    assert not slow, f"the event loop was blocked: {slow}"

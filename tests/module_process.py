@@ -79,6 +79,7 @@ def start_module(
         "RECONNECT_INTERVAL_S": "1",
         "MODEL_PATH": str(DEMO_EXPORT),
         "MODEL_STORE": str(folder / "model-store"),
+        "HTTP_PORT": "0",
         **(env or {}),
     }
     ready_before = len(edge.reported_patches)

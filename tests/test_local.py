@@ -233,6 +233,7 @@ def _local_environment(store: Path) -> dict[str, str]:
     }
     # A store of its own, so no model rolled out elsewhere replaces the demo.
     environment["MODEL_STORE"] = str(store)
+    environment["HTTP_PORT"] = "0"
     return environment
 
 

@@ -30,6 +30,7 @@ CONFIGURED = Settings(
     project="shelf",
     insecure_model_hosts=frozenset({"models.lan"}),
     allow_unverified_models=True,
+    http_results=True,
 )
 
 VALID = [
@@ -79,6 +80,7 @@ VALID = [
         frozenset({"registry.lan", "10.0.0.9"}),
     ),
     ("allowUnverifiedModels", False, "allow_unverified_models", False),
+    ("httpResults", False, "http_results", False),
 ]
 
 INVALID = [
@@ -170,6 +172,7 @@ INVALID = [
         "yes",
         "allowUnverifiedModels must be true or false, not 'yes'",
     ),
+    ("httpResults", 1, "httpResults must be true or false, not 1"),
 ]
 
 
@@ -193,7 +196,9 @@ def test_valid_value_is_applied(
     assert ack == Ack(value, 200, 4, "applied")
 
 
-@pytest.mark.parametrize("name", ["onlyOnChange", "allowUnverifiedModels"])
+@pytest.mark.parametrize(
+    "name", ["onlyOnChange", "allowUnverifiedModels", "httpResults"]
+)
 def test_flag_can_be_switched_on(name: str) -> None:
     updated, ack = apply_setting(Settings(), name, True, 2)
 
