@@ -177,7 +177,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug lines")
     parser.add_argument(
-        "--threads", type=int, default=None, help="onnxruntime intra-op threads"
+        "--threads",
+        type=int,
+        default=int(os.environ.get("SCORER_THREADS", "0")) or None,
+        help="onnxruntime intra-op threads (env SCORER_THREADS; default one per core)",
     )
     parser.add_argument(
         "--workers",
