@@ -176,74 +176,14 @@ def _parser() -> argparse.ArgumentParser:
         description="Score images with Azure Custom Vision ONNX exports.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug lines")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=int(os.environ.get("SCORER_THREADS", "0")) or None,
-        help="onnxruntime intra-op threads (env SCORER_THREADS; default one per core)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=_positive,
-        default=int(os.environ.get("SCORER_WORKERS", "1")),
-        help="images scored at once (env SCORER_WORKERS; default 1)",
-    )
-    parser.add_argument(
-        "--model",
-        type=Path,
-        default=_env_path("MODEL_PATH"),
-        help="export folder, zip or .onnx to serve (env MODEL_PATH); outside IoT "
-        "Edge the built-in demo export by default",
-    )
-    parser.add_argument(
-        "--twin",
-        type=Path,
-        default=_env_path("TWIN_FILE"),
-        help="outside IoT Edge: a JSON file of desired properties, re-read on change",
-    )
-    parser.add_argument(
-        "--reconnect-interval",
-        type=float,
-        default=float(os.environ.get("RECONNECT_INTERVAL_S", "5")),
-        help="seconds between reconnection attempts to edgeHub (default 5)",
-    )
-    parser.add_argument(
-        "--model-store",
-        type=Path,
-        default=_env_path("MODEL_STORE") or Path("model-store"),
-        help="folder where models rolled out through the twin are kept "
-        "(env MODEL_STORE; default ./model-store)",
-    )
-    parser.add_argument(
-        "--download-timeout",
-        type=float,
-        default=float(os.environ.get("MODEL_DOWNLOAD_TIMEOUT_S", "30")),
-        help="seconds a model download may stall before it is retried (default 30)",
-    )
-    parser.add_argument(
-        "--download-retries",
-        type=int,
-        default=int(os.environ.get("MODEL_DOWNLOAD_RETRIES", "3")),
-        help="retries of a failed model download (default 3)",
-    )
-    parser.add_argument(
-        "--download-retry-delay",
-        type=float,
-        default=float(os.environ.get("MODEL_DOWNLOAD_RETRY_DELAY_S", "1")),
-        help="seconds before the first retry; each next one waits 4 times longer",
-    )
-    parser.add_argument(
-        "--download-max-mb",
-        type=int,
-        default=int(os.environ.get("MODEL_DOWNLOAD_MAX_MB", "512")),
-        help="largest model download accepted, in MiB (default 512)",
-    )
-    parser.add_argument(
-        "--http-port",
-        type=int,
-        default=int(os.environ.get("HTTP_PORT", "8080")),
-        help="port of the HTTP API (env HTTP_PORT; default 8080; 0 turns it off)",
-    )
+    for flag, variable, kind, default, text in _RUN_OPTIONS:
+        parser.add_argument(
+            flag,
+            type=kind,
+            # argparse converts a string default with `type`, errors included.
+            default=os.environ.get(variable, default),
+            help=f"{text} (env {variable})",
+        )
     parser.set_defaults(command=run_command)
     commands = parser.add_subparsers(metavar="COMMAND")
     commands.add_parser("run", help="run the module (the default)").set_defaults(
@@ -274,11 +214,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name)
-    return Path(value) if value else None
-
-
 def _probability(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -291,6 +226,84 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
     return value
+
+
+# Options of the module: flag, environment variable, type, default, help. The
+# environment overrides the default, the command line overrides both.
+_RUN_OPTIONS: tuple[tuple[str, str, Any, str | None, str], ...] = (
+    (
+        "--model",
+        "MODEL_PATH",
+        Path,
+        None,
+        "export folder, zip or .onnx to serve; "
+        "outside IoT Edge the built-in demo export by default",
+    ),
+    (
+        "--model-store",
+        "MODEL_STORE",
+        Path,
+        "model-store",
+        "folder keeping the models rolled out through the twin; default ./model-store",
+    ),
+    (
+        "--twin",
+        "TWIN_FILE",
+        Path,
+        None,
+        "outside IoT Edge: a JSON file of desired properties, re-read on change",
+    ),
+    (
+        "--http-port",
+        "HTTP_PORT",
+        int,
+        "8080",
+        "port of the HTTP API; default 8080, 0 turns it off",
+    ),
+    ("--workers", "SCORER_WORKERS", _positive, "1", "images scored at once; default 1"),
+    (
+        "--threads",
+        "SCORER_THREADS",
+        _positive,
+        None,
+        "onnxruntime intra-op threads; default one per core",
+    ),
+    (
+        "--reconnect-interval",
+        "RECONNECT_INTERVAL_S",
+        float,
+        "5",
+        "seconds between reconnection attempts to edgeHub; default 5",
+    ),
+    (
+        "--download-timeout",
+        "MODEL_DOWNLOAD_TIMEOUT_S",
+        float,
+        "30",
+        "seconds a model download may stall before it is retried; default 30",
+    ),
+    (
+        "--download-retries",
+        "MODEL_DOWNLOAD_RETRIES",
+        int,
+        "3",
+        "retries of a failed model download; default 3",
+    ),
+    (
+        "--download-retry-delay",
+        "MODEL_DOWNLOAD_RETRY_DELAY_S",
+        float,
+        "1",
+        "seconds before the first retry, each next one 4 times longer; default 1",
+    ),
+    (
+        "--download-max-mb",
+        "MODEL_DOWNLOAD_MAX_MB",
+        int,
+        "512",
+        "largest model download accepted, in MiB; default 512",
+    ),
+)
 
 
 if __name__ == "__main__":
