@@ -83,7 +83,12 @@ class Exposition:
         return "\n".join(self._lines) + "\n"
 
 
-def render_metrics(scorer: "Scorer", telemetry: "Telemetry", queued: int) -> str:
+def render_metrics(
+    scorer: "Scorer",
+    telemetry: "Telemetry",
+    queued: int,
+    sources: Mapping[str, Mapping[str, object]],
+) -> str:
     """Return the module's metrics in the Prometheus text format."""
     out = Exposition()
     counts = scorer.counts
@@ -112,6 +117,15 @@ def render_metrics(scorer: "Scorer", telemetry: "Telemetry", queued: int) -> str
         "customvision_inference_seconds", "histogram", "onnxruntime session runs."
     )
     out.histogram("customvision_inference_seconds", scorer.inference)
+    out.family(
+        "customvision_source_frames_total", "counter", "Camera frames by outcome."
+    )
+    for name, state in sources.items():
+        for outcome in ("frames", "dropped", "skipped", "failed"):
+            labels = {"source": name, "outcome": outcome}
+            out.sample(
+                "customvision_source_frames_total", _count(state, outcome), labels
+            )
     identity = scorer.identity
     out.family("customvision_model_info", "gauge", "The active model.")
     if identity is not None:
@@ -122,6 +136,11 @@ def render_metrics(scorer: "Scorer", telemetry: "Telemetry", queued: int) -> str
         }
         out.sample("customvision_model_info", 1, labels)
     return out.text()
+
+
+def _count(state: Mapping[str, object], key: str) -> int:
+    value = state.get(key, 0)
+    return value if isinstance(value, int) else 0
 
 
 def _labels(labels: Mapping[str, str] | None) -> str:

@@ -13,7 +13,7 @@ import aiohttp
 
 from .connection import Callbacks, Connection, MethodResult
 from .download import DownloadPolicy
-from .errors import BadRequestError, ScorerError
+from .errors import BadRequestError, BadSettingError, ScorerError
 from .http_api import HttpApi
 from .inputs import (
     InputMessage,
@@ -28,11 +28,15 @@ from .model import ScoreOptions
 from .results import result_document
 from .rollout import MODEL_PROPERTY, Rollout
 from .scorer import Scorer
-from .settings import Ack, DesiredState, Settings, apply_setting
+from .settings import ACCEPTED, REJECTED, Ack, DesiredState, Settings, apply_setting
+from .sources import SourceManager, parse_sources
 from .store import ModelStore, StoredModel
 from .telemetry import OutputMessage, Telemetry
+from .urls import redact
 
 IMAGES_INPUT = "images"
+SOURCES_PROPERTY = "sources"
+CAMERA_INPUT = "camera"
 QUEUE_SIZE = 32
 DRAIN_TIMEOUT_S = 5.0
 STATS_INTERVAL_S = 10.0
@@ -80,6 +84,7 @@ class Service:
         self._connected = False
         self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self._http: aiohttp.ClientSession | None = None
+        self._sources: SourceManager | None = None
 
     @property
     def settings(self) -> Settings:
@@ -89,6 +94,7 @@ class Service:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until stop is set, then finish or reject queued work and disconnect."""
         self._http = aiohttp.ClientSession()
+        self._sources = SourceManager(self._http, self.handle_frame)
         if self._store is not None:
             self._rollout = Rollout(
                 self._scorer,
@@ -114,6 +120,7 @@ class Service:
             await self._drain()
         finally:
             self._accepting = False
+            await self._sources.close()
             if self._http_api is not None:
                 await self._http_api.close()
             if self._rollout is not None:
@@ -144,7 +151,12 @@ class Service:
         model = changes.pop(MODEL_PROPERTY, _UNCHANGED)
         acks: dict[str, Any] = {}
         for name, value in changes.items():
-            self._settings, ack = apply_setting(self._settings, name, value, version)
+            if name == SOURCES_PROPERTY:
+                ack = self._apply_sources(value, version)
+            else:
+                self._settings, ack = apply_setting(
+                    self._settings, name, value, version
+                )
             acks[name] = ack.to_json()
             _log_ack(name, ack)
         if acks:
@@ -166,6 +178,24 @@ class Service:
     def status(self) -> dict[str, Any]:
         """Return the module's state, as the reported properties show it."""
         return {"status": "ready" if self._accepting else "stopping", **self._state()}
+
+    async def handle_frame(self, name: str, frame: bytes) -> None:
+        """Score a frame a camera source took, like an input message from it."""
+        await self.handle(InputMessage(CAMERA_INPUT, frame, {"source": name}))
+
+    def _apply_sources(self, value: Any, version: int | None) -> Ack:
+        shown = _redacted_sources(value)
+        try:
+            specs = parse_sources(value)
+        except BadSettingError as error:
+            return Ack(shown, REJECTED, version, f"{error}; the previous sources stay")
+        if self._sources is None:
+            return Ack(shown, REJECTED, version, "sources cannot run yet")
+        self._sources.apply(specs)
+        running = sum(spec.enabled for spec in specs.values())
+        return Ack(
+            shown, ACCEPTED, version, f"{running} of {len(specs)} sources running"
+        )
 
     def _request_model(self, value: Any, version: int | None) -> None:
         if self._rollout is None:
@@ -223,7 +253,10 @@ class Service:
 
     def metrics_text(self) -> str:
         """Return the Prometheus exposition of the module's counters and latencies."""
-        return render_metrics(self._scorer, self._telemetry, self._queue.qsize())
+        sources = self._sources.states() if self._sources else {}
+        return render_metrics(
+            self._scorer, self._telemetry, self._queue.qsize(), sources
+        )
 
     def report(self, patch: dict[str, Any]) -> None:
         """Queue a reported-properties patch; the reporter sends and retries it."""
@@ -393,19 +426,27 @@ class Service:
         reported: dict[str, Any] = {}
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
-            counts = self._counts()
-            if counts != reported:
-                self.report({"counts": counts})
-                reported = counts
+            current = {
+                "counts": self._counts(),
+                "sourceStates": self._sources.states() if self._sources else {},
+            }
+            changed = {k: v for k, v in current.items() if v != reported.get(k)}
+            if changed:
+                self.report(changed)
+                reported = current
 
     def _state(self) -> dict[str, Any]:
         identity = self._scorer.identity
-        model = identity.to_json() if identity else None
-        return {
+        state = {
             "startedAt": self._started_at,
-            "activeModel": model,
+            "activeModel": identity.to_json() if identity else None,
             "counts": self._counts(),
+            "sourceStates": self._sources.states() if self._sources else {},
         }
+        if self._rollout is not None:
+            state["activeModel"] = self._rollout.active_model()
+            state["lastModelFailure"] = self._rollout.last_failure
+        return state
 
     def _counts(self) -> dict[str, int]:
         counts = self._scorer.counts
@@ -461,6 +502,17 @@ def _method_message(payload: Any) -> InputMessage:
     return InputMessage(
         "$method", json.dumps(payload).encode(), content_type="application/json"
     )
+
+
+def _redacted_sources(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    return {
+        name: {**spec, "url": redact(spec["url"])}
+        if isinstance(spec, dict) and isinstance(spec.get("url"), str)
+        else spec
+        for name, spec in value.items()
+    }
 
 
 def _log_ack(name: str, ack: Ack) -> None:

@@ -22,7 +22,9 @@ import pytest
 from referencing import Registry, Resource
 
 from modules.rollout import MODEL_PROPERTY
+from modules.service import SOURCES_PROPERTY
 from modules.settings import ACCEPTED, SETTINGS, AlertRule, Settings, apply_setting
+from modules.sources import parse_sources
 from modules.telemetry import ERRORS_OUTPUT, RESULTS_OUTPUT, Telemetry
 from tests.conftest import require
 
@@ -34,8 +36,6 @@ MANIFEST_SCHEMA = "azure-iot-edge-deployment-2.0.json"
 MODULE = "customvision"
 PLATFORMS = ("amd64", "arm64v8")
 BASE_IMAGES = {"amd64": "python", "arm64v8": "arm64v8/python"}
-# A desired property the module is about to read (snapshot sources).
-UPCOMING_PROPERTIES = frozenset({"sources"})
 REGISTRY = {
     "CONTAINER_REGISTRY_SERVER": "registry.example.com",
     "CONTAINER_REGISTRY_USERNAME": "builder",
@@ -253,18 +253,25 @@ def test_route_conditions_name_properties_the_module_sets() -> None:
 def test_desired_properties_are_ones_the_module_reads() -> None:
     names = set(desired())
 
-    readable = set(SETTINGS) | {MODEL_PROPERTY} | UPCOMING_PROPERTIES
+    readable = set(SETTINGS) | {MODEL_PROPERTY, SOURCES_PROPERTY}
     assert names <= readable, f"not read by the module: {names - readable}"
     # A fleet-wide template names no model: it serves nothing until one is rolled out.
     assert MODEL_PROPERTY not in names
-    assert not names & UPCOMING_PROPERTIES
+    assert desired()[SOURCES_PROPERTY] == {}
 
 
-@pytest.mark.parametrize(("name", "value"), sorted(desired().items()))
+@pytest.mark.parametrize(
+    ("name", "value"),
+    sorted((k, v) for k, v in desired().items() if k != SOURCES_PROPERTY),
+)
 def test_default_desired_value_is_accepted(name: str, value: Any) -> None:
     _, ack = apply_setting(Settings(), name, value, 1)
 
     assert ack.code == ACCEPTED, ack.description
+
+
+def test_default_sources_parse() -> None:
+    assert parse_sources(desired()[SOURCES_PROPERTY]) == {}
 
 
 def test_module_mounts_and_env_match_the_image() -> None:
