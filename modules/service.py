@@ -36,6 +36,7 @@ from .urls import redact
 
 IMAGES_INPUT = "images"
 SOURCES_PROPERTY = "sources"
+MAX_WARNED_CAUSES = 1024
 CAMERA_INPUT = "camera"
 QUEUE_SIZE = 32
 DRAIN_TIMEOUT_S = 5.0
@@ -73,6 +74,7 @@ class Service:
             HttpApi(self, port=http_port) if http_port is not None else None
         )
         self._telemetry = Telemetry()
+        self._rejections = _Rejections()
         self._settings = Settings()
         self._desired = DesiredState()
         self._queue: asyncio.Queue[InputMessage] = asyncio.Queue(queue_size)
@@ -274,6 +276,7 @@ class Service:
         except ScorerError as error:
             await self._publish_error(error, message, source)
             return None
+        self._rejections.recovered(source or message.input_name)
         origin.update(self._forwarded(message, source))
         document = result_document(
             scored,
@@ -345,7 +348,7 @@ class Service:
     async def _publish_error(
         self, error: ScorerError, message: InputMessage, source: str | None
     ) -> None:
-        _LOGGER.warning("Rejected a message on %s: %s", message.input_name, error)
+        self._rejections.log(source or message.input_name, error)
         output = self._telemetry.error(
             error,
             source=source,
@@ -502,6 +505,33 @@ def _method_message(payload: Any) -> InputMessage:
     return InputMessage(
         "$method", json.dumps(payload).encode(), content_type="application/json"
     )
+
+
+class _Rejections:
+    """Log a rejected input at WARNING once per source and reason, until it recovers.
+
+    A camera that keeps sending garbage would otherwise write a warning per frame;
+    every rejection still goes to the errors output.
+    """
+
+    def __init__(self) -> None:
+        self._warned: set[tuple[str, str]] = set()
+
+    def log(self, origin: str, error: ScorerError) -> None:
+        """Log one rejection."""
+        key = (origin, error.reason)
+        if key in self._warned:
+            _LOGGER.debug("Rejected input from %s again: %s", origin, error)
+            return
+        if len(self._warned) >= MAX_WARNED_CAUSES:
+            self._warned.clear()
+        self._warned.add(key)
+        _LOGGER.warning("Rejected input from %s: %s", origin, error)
+
+    def recovered(self, origin: str) -> None:
+        """Forget the warnings for an origin that sent a good input."""
+        if self._warned:
+            self._warned = {key for key in self._warned if key[0] != origin}
 
 
 def _redacted_sources(value: Any) -> Any:

@@ -111,3 +111,19 @@ def test_source_results_follow_the_telemetry_rules(
     assert len(unalerted) == 1
     assert alerted[0].json()["alerts"] == ["redAlert"]
     assert alerted[0].properties["source"] == "door"
+
+
+def test_a_camera_returning_garbage_produces_errors(
+    module: RunningModule, model_server: ModelServer
+) -> None:
+    broken = model_server.serve("/broken.jpg", Served(b"<html>login required</html>"))
+
+    set_sources(module, {"lobby": {"url": broken, "intervalS": 0.1}})
+    errors = module.errors(2)
+
+    assert {e.json()["reason"] for e in errors} == {"bad-image"}
+    assert {e.properties["source"] for e in errors} == {"lobby"}
+    assert source_states(module)["lobby"]["state"] == "ok"
+    assert module.edge.outputs("results") == []
+    # Every frame is an error message, but the log warns once per cause.
+    assert module.log_text().count("Rejected input from lobby") == 1
