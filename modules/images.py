@@ -32,6 +32,7 @@ class DecodedImage:
     width: int
     height: int
     format: str
+    reduced: bool = False  # decoded at a reduced scale (JPEG draft mode)
 
 
 def decode(
@@ -80,13 +81,15 @@ def _decode_opened(
     if orientation in _TRANSPOSED_ORIENTATIONS:
         width, height = height, width
         fit = (fit[1], fit[0]) if fit else None
+    stored_size = opened.size
     if fit and image_format in ("JPEG", "MPO"):
         _draft(opened, fit)
 
     opened.load()
+    reduced = opened.size != stored_size
     upright = ImageOps.exif_transpose(opened) if orientation > 1 else opened
     rgb = to_rgb(upright)
-    return DecodedImage(rgb, width, height, image_format)
+    return DecodedImage(rgb, width, height, image_format, reduced)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -151,8 +151,9 @@ def test_large_jpeg_is_decoded_at_reduced_scale_but_reports_its_size() -> None:
     decoded = decode(data, fit=(227, 227))
 
     assert (decoded.width, decoded.height) == (1920, 1080)
-    assert decoded.image.size == (480, 270)
-    assert decode(data).image.size == (1920, 1080)
+    assert decoded.image.size == (480, 270) and decoded.reduced
+    full = decode(data)
+    assert full.image.size == (1920, 1080) and not full.reduced
 
 
 def test_reduced_scale_respects_exif_rotation() -> None:
