@@ -8,6 +8,7 @@ reads the twin again, because IoT Hub keeps no patches for a disconnected module
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,7 @@ EDGE_VARIABLES = (
 )
 # How long an SDK thread waits for room in the module's queue before giving up.
 HANDOFF_TIMEOUT_S = 60.0
+CONNECT_RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -65,10 +67,7 @@ class EdgeConnection:
         """Connect, subscribe to inputs, and apply the whole desired section."""
         self._loop = asyncio.get_running_loop()
         self._callbacks = callbacks
-        # The factory calls the workload API synchronously and without a timeout.
-        client = await asyncio.to_thread(self._factory)
-        self._client = client
-        await client.connect()
+        client = await self._until_connected()
         _LOGGER.info("Connected to edgeHub")
         # Setting a handler subscribes and waits for it: keep that off the loop.
         await asyncio.to_thread(self._set_handlers, client)
@@ -101,6 +100,22 @@ class EdgeConnection:
             except ClientError as error:
                 _LOGGER.warning("Disconnecting from edgeHub failed: %s", error)
             _LOGGER.info("Disconnected from edgeHub")
+
+    async def _until_connected(self) -> IoTHubModuleClient:
+        """Create the client and connect, retrying while edgeHub is not up yet."""
+        for attempt in itertools.count():
+            try:
+                if self._client is None:
+                    # The workload API is called synchronously and without a timeout.
+                    self._client = await asyncio.to_thread(self._factory)
+                await self._client.connect()
+                return self._client
+            except (ClientError, OSError) as error:
+                delay = CONNECT_RETRY_S[min(attempt, len(CONNECT_RETRY_S) - 1)]
+                log = _LOGGER.warning if attempt == 0 else _LOGGER.debug
+                log("Cannot reach edgeHub yet (%s); retrying every few seconds", error)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     def _set_handlers(self, client: IoTHubModuleClient) -> None:
         client.on_connection_state_change = self._on_connection_state_change

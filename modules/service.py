@@ -114,10 +114,10 @@ class Service:
             self._accepting = True
             if self._http_api is not None:
                 await self._http_api.start()
-            await self._connection.start(self._callbacks())
-            self.report({"status": "ready", **self._state()})
-            _LOGGER.info("Ready: scoring input %r", IMAGES_INPUT)
-            await stop.wait()
+            if await self._start_connection(stop):
+                self.report({"status": "ready", **self._state()})
+                _LOGGER.info("Ready: scoring input %r", IMAGES_INPUT)
+                await stop.wait()
             _LOGGER.info("Stopping")
             await self._drain()
         finally:
@@ -130,6 +130,19 @@ class Service:
             await self._cancel_tasks()
             await self._connection.close()
             await self._http.close()
+
+    async def _start_connection(self, stop: asyncio.Event) -> bool:
+        """Start the connection unless stop comes first; say whether it started."""
+        starting = asyncio.create_task(self._connection.start(self._callbacks()))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if starting.done():
+            starting.result()
+            return True
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        return False
 
     def _callbacks(self) -> Callbacks:
         return Callbacks(

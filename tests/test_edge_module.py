@@ -3,16 +3,25 @@ emulated edgeHub."""
 
 import base64
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from modules.demo import DEMO_EXPORT
 from tests import cvmodels
 from tests.edge_emulator import EdgeEmulator, OutputMessage
-from tests.module_process import WAIT_S, RunningModule, start_module
+from tests.module_process import ROOT, WAIT_S, RunningModule, start_module
 
+SILENT_ADDRESS = "127.254.253.252"  # nothing listens on 8883 there
 RED = cvmodels.solid_image((220, 40, 40), size=(64, 48), fmt="JPEG")
 BLUE = cvmodels.solid_image((40, 80, 200), size=(64, 48), fmt="PNG")
 
@@ -190,3 +199,71 @@ def test_sigterm_stops_the_module_cleanly(module: RunningModule) -> None:
     log = module.log.read_text()
     assert "Stopping" in log and "Disconnected from edgeHub" in log
     assert "Traceback" not in log
+
+
+def test_unreachable_edgehub_is_retried_while_http_serves_and_sigterm_stops(
+    edge_emulator: EdgeEmulator, tmp_path: Path
+) -> None:
+    port = free_port()
+    # A loopback address where no broker listens: edgeHub is not up yet.
+    env = {
+        **os.environ,
+        **edge_emulator.env(),
+        "MODEL_PATH": str(DEMO_EXPORT),
+        "MODEL_STORE": str(tmp_path / "store"),
+        "HTTP_PORT": str(port),
+    }
+    env["IOTEDGE_GATEWAYHOSTNAME"] = SILENT_ADDRESS
+    log = tmp_path / "module.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "main.py")],
+            cwd=ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        health = _wait_http(f"http://127.0.0.1:{port}/healthz")
+        _wait_for_line(log, "Cannot reach edgeHub yet")
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=WAIT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert health == 200
+    assert status == 0
+    text = log.read_text()
+    assert text.count("Cannot reach edgeHub yet") == 1
+    assert "Traceback" not in text
+
+
+def free_port() -> int:
+    """Return a port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_http(url: str) -> int:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing answered at {url}")
+
+
+def _wait_for_line(log: Path, text: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if text in log.read_text(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the module never logged {text!r}:\n{log.read_text()}")

@@ -290,3 +290,27 @@ def test_a_real_export_zip_rolls_out(
     assert ack["ac"] == 200
     assert result["predictions"][0]["tagName"] == "pear"
     assert result["model"]["flavor"] == "classifier-onnx12"
+
+
+def test_a_newer_model_supersedes_a_download_in_progress(
+    module: RunningModule, model_server: ModelServer
+) -> None:
+    slow = model_server.serve("/slow/cats.zip", Served(CATS_ZIP, "stall"))
+    birds = model_server.serve("/birds.zip", Served(BIRDS_ZIP))
+    first = module.edge.patch_desired(
+        {"model": {"url": slow, "sha256": sha256(CATS_ZIP)}}
+    )
+    module.wait_reported("model", lambda a: a.get("av") == first)
+
+    ack = roll_out(module, {"url": birds, "sha256": sha256(BIRDS_ZIP)})
+    served = top_tag(module)
+
+    assert ack["ac"] == 200
+    assert served == ("sparrow", sha256(BIRDS))
+    assert "supersedes the rollout in progress" in module.log_text()
+    cats_acks = [
+        p["model"]
+        for p in module.edge.reported_patches
+        if "model" in p and p["model"]["av"] == first
+    ]
+    assert [a["ac"] for a in cats_acks] == [202] * len(cats_acks)
