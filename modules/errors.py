@@ -58,3 +58,21 @@ class DownloadError(FetchError):
     """A model could not be downloaded."""
 
     reason = "download-failed"
+
+
+# The HTTP status (also used for direct methods) of each reason that is not a 400.
+_STATUS_BY_REASON = {
+    "host-not-allowed": 403,
+    "path-not-allowed": 403,
+    "too-large": 413,
+    "unsupported-media-type": 415,
+    "scoring-failed": 500,
+    "fetch-failed": 502,
+    "no-model": 503,
+    "shutting-down": 503,
+}
+
+
+def http_status(error: ScorerError) -> int:
+    """Return the HTTP status that answers an error: 400 unless it says otherwise."""
+    return _STATUS_BY_REASON.get(error.reason, 400)

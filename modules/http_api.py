@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from .errors import ScorerError
+from .errors import ScorerError, http_status
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 DEFAULT_PORT = 8080
@@ -20,16 +20,6 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 IMAGE_FIELD = "imageData"
 PREDICTION_KEYS = ("id", "project", "iteration", "created", "predictions")
 _RAW_TYPES = ("application/octet-stream", "")
-_STATUS_BY_REASON = {
-    "host-not-allowed": 403,
-    "path-not-allowed": 403,
-    "too-large": 413,
-    "fetch-failed": 502,
-    "no-model": 503,
-    "shutting-down": 503,
-    "scoring-failed": 500,
-    "unsupported-media-type": 415,
-}
 _CHUNK_BYTES = 64 * 1024
 
 _LOGGER = logging.getLogger(__name__)
@@ -158,8 +148,7 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     try:
         return await handler(request)
     except ScorerError as error:
-        status = _STATUS_BY_REASON.get(error.reason, 400)
-        return _error(status, error.reason, str(error))
+        return _error(http_status(error), error.reason, str(error))
     except web.HTTPRequestEntityTooLarge as error:
         return _error(413, "too-large", error.text or "the request body is too large")
     except web.HTTPException as error:

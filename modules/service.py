@@ -13,7 +13,7 @@ import aiohttp
 
 from .connection import Callbacks, Connection, MethodResult
 from .download import DownloadPolicy
-from .errors import BadRequestError, BadSettingError, ScorerError
+from .errors import BadRequestError, BadSettingError, ScorerError, http_status
 from .http_api import HttpApi
 from .inputs import (
     InputMessage,
@@ -25,6 +25,7 @@ from .inputs import (
 )
 from .metrics import render_metrics
 from .model import ScoreOptions
+from .reporter import Reporter
 from .results import result_document
 from .rollout import MODEL_PROPERTY, Rollout
 from .scorer import Scorer
@@ -41,7 +42,6 @@ CAMERA_INPUT = "camera"
 QUEUE_SIZE = 32
 DRAIN_TIMEOUT_S = 5.0
 STATS_INTERVAL_S = 10.0
-REPORT_RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 SEND_RETRY_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 _UNCHANGED = object()
@@ -80,8 +80,7 @@ class Service:
         self._queue: asyncio.Queue[InputMessage] = asyncio.Queue(queue_size)
         self._workers = workers
         self._tasks: set[asyncio.Task[None]] = set()
-        self._pending_report: dict[str, Any] = {}
-        self._report_wanted = asyncio.Event()
+        self._reporter = Reporter(connection)
         self._accepting = False
         self._connected = False
         self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -109,7 +108,7 @@ class Service:
         try:
             for index in range(self._workers):
                 self._spawn(self._work(), f"scoring-worker-{index}")
-            self._spawn(self._report_loop(), "twin-reporter")
+            self._spawn(self._reporter.run(), "twin-reporter")
             self._spawn(self._stats_loop(), "stats-reporter")
             self._accepting = True
             if self._http_api is not None:
@@ -275,8 +274,7 @@ class Service:
 
     def report(self, patch: dict[str, Any]) -> None:
         """Queue a reported-properties patch; the reporter sends and retries it."""
-        self._pending_report.update(patch)
-        self._report_wanted.set()
+        self._reporter.report(patch)
 
     async def handle(self, message: InputMessage) -> OutputMessage | None:
         """Score one input message and publish its result or its error."""
@@ -392,8 +390,7 @@ class Service:
             message = _method_message(payload)
             output = await self._score_for_method(message)
         except ScorerError as error:
-            status = 400 if error.reason != "scoring-failed" else 500
-            return status, {"reason": error.reason, "detail": str(error)}
+            return http_status(error), {"reason": error.reason, "detail": str(error)}
         return 200, output
 
     async def _score_for_method(self, message: InputMessage) -> dict[str, Any]:
@@ -413,30 +410,9 @@ class Service:
         self._connected = connected
         if connected:
             _LOGGER.info("Connection to edgeHub restored")
-            self._report_wanted.set()
+            self._reporter.wake()
         else:
             _LOGGER.warning("Connection to edgeHub lost; the SDK is reconnecting")
-
-    async def _report_loop(self) -> None:
-        while True:
-            await self._report_wanted.wait()
-            self._report_wanted.clear()
-            patch, self._pending_report = self._pending_report, {}
-            if patch:
-                await self._report_with_retry(patch)
-
-    async def _report_with_retry(self, patch: dict[str, Any]) -> None:
-        for delay in (*REPORT_RETRY_S, None):
-            try:
-                await self._connection.report(patch)
-                return
-            except (ConnectionError, TimeoutError, OSError) as error:
-                if delay is None:
-                    break
-                _LOGGER.debug("Reporting failed (%s); retrying in %.0f s", error, delay)
-                await asyncio.sleep(delay)
-        # Keep it for the next attempt; newer values of the same keys win.
-        self._pending_report = {**patch, **self._pending_report}
 
     async def _stats_loop(self) -> None:
         reported: dict[str, Any] = {}
@@ -484,11 +460,7 @@ class Service:
                 "the module stopped before scoring it", reason="shutting-down"
             )
             await self._publish_error(error, message, None)
-        if self._pending_report:
-            with contextlib.suppress(ConnectionError, TimeoutError, OSError):
-                await asyncio.wait_for(
-                    self._connection.report(self._pending_report), 2.0
-                )
+        await self._reporter.flush()
 
     def _spawn(self, coroutine: Any, name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)
