@@ -269,7 +269,8 @@ class DesiredState:
         """Return the version and the properties that differ from what was applied.
 
         A full document (the twin read on connect) also removes properties it no
-        longer holds; a patch names only what changed, null meaning removed.
+        longer holds. A patch is a JSON merge patch, as IoT Hub sends it: objects in
+        it update the properties' objects key by key, null removes.
         """
         version = document.get("$version")
         version = version if isinstance(version, int) else None
@@ -278,6 +279,10 @@ class DesiredState:
         entries = {k: v for k, v in document.items() if not k.startswith("$")}
         if full:
             entries.update(dict.fromkeys(self._applied.keys() - entries.keys()))
+        else:
+            entries = {
+                k: merge_patch(self._applied.get(k), v) for k, v in entries.items()
+            }
         changed = {
             name: value for name, value in entries.items() if self._differs(name, value)
         }
@@ -294,6 +299,19 @@ class DesiredState:
         if name not in self._applied:
             return value is not None
         return bool(self._applied[name] != value)
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """Apply a JSON merge patch (RFC 7386) to a value, returning a new value."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
 
 
 def _kind(value: Any) -> str:

@@ -50,7 +50,11 @@ def test_sources_are_added_changed_and_removed_live(
     )
     both = set_sources(
         module,
-        {"door": {"url": door, "fps": 5}, "yard": {"url": yard, "intervalS": 0.1}},
+        # A twin patch merges objects: switching to fps must remove intervalS.
+        {
+            "door": {"fps": 5, "intervalS": None},
+            "yard": {"url": yard, "intervalS": 0.1},
+        },
     )
     from_yard = module.edge.wait_outputs(
         1, name="results", predicate=lambda m: m.properties["source"] == "yard"

@@ -413,3 +413,27 @@ def test_metadata_keys_are_not_settings() -> None:
     )
 
     assert changes == {"threshold": 0.5}
+
+
+def test_a_patch_updates_object_properties_key_by_key() -> None:
+    state = DesiredState()
+    model = {"url": "https://models/a.zip?sig=1", "sha256": "a" * 64, "version": "7"}
+    sources = {"door": {"url": "http://door/s.jpg"}, "yard": {"url": "http://yard/s"}}
+    state.changes({"model": model, "sources": sources, "$version": 1}, full=True)
+
+    _, refreshed = state.changes(
+        {"model": {"url": "https://models/a.zip?sig=2"}, "$version": 2}, full=False
+    )
+    _, removed = state.changes({"sources": {"door": None}, "$version": 3}, full=False)
+
+    assert refreshed == {"model": {**model, "url": "https://models/a.zip?sig=2"}}
+    assert removed == {"sources": {"yard": {"url": "http://yard/s"}}}
+
+
+def test_a_patch_replaces_lists_whole() -> None:
+    state = DesiredState()
+    state.changes({"tags": ["red", "blue"], "$version": 1}, full=True)
+
+    _, changed = state.changes({"tags": ["green"], "$version": 2}, full=False)
+
+    assert changed == {"tags": ["green"]}
