@@ -274,7 +274,7 @@ class DesiredState:
         """
         version = document.get("$version")
         version = version if isinstance(version, int) else None
-        if version is not None and self.version is not None and version <= self.version:
+        if self._seen(version, full):
             return version, {}
         entries = {k: v for k, v in document.items() if not k.startswith("$")}
         if full:
@@ -294,6 +294,13 @@ class DesiredState:
         if version is not None:
             self.version = version
         return version, changed
+
+    def _seen(self, version: int | None, full: bool) -> bool:
+        if version is None or self.version is None:
+            return False
+        # The SDK replays the whole desired section as a patch after a reconnect,
+        # so a full read of the same version may still correct what that merged.
+        return version < self.version or (version == self.version and not full)
 
     def _differs(self, name: str, value: Any) -> bool:
         if name not in self._applied:

@@ -298,12 +298,21 @@ def test_first_full_document_applies_everything() -> None:
 @pytest.mark.parametrize("full", [True, False], ids=["full", "patch"])
 def test_replay_of_the_same_version_applies_nothing(full: bool) -> None:
     state = DesiredState()
-    state.changes({"$version": 3, "threshold": 0.5}, full=True)
+    state.changes({"$version": 3, "threshold": 0.5, "tags": ["red"]}, full=True)
 
-    version, changes = state.changes({"$version": 3, "threshold": 0.9}, full=full)
+    version, changes = state.changes(
+        {"$version": 3, "threshold": 0.5, "tags": ["red"]}, full=full
+    )
 
     assert (version, changes) == (3, {})
     assert state.version == 3
+
+
+def test_a_patch_of_a_version_already_applied_is_ignored() -> None:
+    state = DesiredState()
+    state.changes({"$version": 3, "threshold": 0.5}, full=True)
+
+    assert state.changes({"$version": 3, "threshold": 0.9}, full=False) == (3, {})
 
 
 @pytest.mark.parametrize("full", [True, False], ids=["full", "patch"])
@@ -437,3 +446,20 @@ def test_a_patch_replaces_lists_whole() -> None:
     _, changed = state.changes({"tags": ["green"], "$version": 2}, full=False)
 
     assert changed == {"tags": ["green"]}
+
+
+def test_a_full_read_corrects_a_replay_that_came_as_a_patch() -> None:
+    state = DesiredState()
+    two = {"door": {"url": "http://door/s.jpg"}, "yard": {"url": "http://yard/s"}}
+    state.changes({"sources": two, "$version": 4}, full=True)
+    # Offline, the door camera was removed. On reconnect the SDK hands the whole
+    # desired section to the patch handler, where merging cannot remove anything.
+    replayed = {"sources": {"yard": {"url": "http://yard/s"}}, "$version": 5}
+
+    _, merged = state.changes(replayed, full=False)
+    _, corrected = state.changes(replayed, full=True)
+    _, again = state.changes(replayed, full=True)
+
+    assert merged == {}
+    assert corrected == {"sources": {"yard": {"url": "http://yard/s"}}}
+    assert again == {}
