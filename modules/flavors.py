@@ -160,6 +160,53 @@ class Recognised:
         return self.contract.dtype is np.float16
 
 
+@dataclass(frozen=True)
+class _Graph:
+    """What recognition looks at: the image input, outputs, metadata and facts."""
+
+    image: TensorSpec
+    outputs: Mapping[str, TensorSpec]
+    metadata: Mapping[str, str]
+    properties: Mapping[str, str]
+    facts: GraphFacts
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """Return the export's settings; the model's own metadata wins."""
+        return {**self.properties, **self.metadata}
+
+    def contract(self, *, bgr_default: bool) -> InputContract:
+        """Return the input contract, with the flavor's colour order as default."""
+        height, width = self.image.shape[2], self.image.shape[3]
+        fixed = isinstance(width, int) and isinstance(height, int)
+        size = (width, height) if fixed else None
+        pixel_format = self.metadata.get(PIXEL_FORMAT_KEY)
+        bgr = bgr_default
+        if pixel_format in ("Bgr8", "Rgb8"):
+            bgr = pixel_format == "Bgr8"
+        range_name = self.metadata.get(PIXEL_RANGE_KEY, "")
+        scale, offset = _RANGES.get(range_name, (1.0, 0.0))
+        resize, target = _resize(size, self.settings)
+        return InputContract(
+            name=self.image.name,
+            dtype=_TENSOR_TYPES[self.image.type],
+            size=size,
+            bgr=bgr,
+            scale=scale,
+            offset=offset,
+            resize=resize,
+            resize_target=target,
+            batch=not isinstance(self.image.shape[0], int),
+        )
+
+    def multilabel(self) -> bool:
+        """Say whether the classifier scores tags independently."""
+        method = self.settings.get(POSTPROCESS_KEY)
+        if method:
+            return method == "ClassificationMultiLabel"
+        return self.facts.last_activation == "Sigmoid"
+
+
 def check_runnable(facts: GraphFacts) -> None:
     """Refuse the 2018 opset-1 exports with a message that says what to do."""
     opset = facts.default_opset
@@ -181,9 +228,10 @@ def recognise(
 ) -> Recognised:
     """Return the flavor of a graph, or raise BadModelError saying what was found."""
     if len(inputs) == 1 and _is_image_input(inputs[0]):
-        names = {output.name: output for output in outputs}
+        named = {output.name: output for output in outputs}
+        graph = _Graph(inputs[0], named, metadata, properties, facts)
         for detect in (_s1_detector, _grid_detector, _onnx12_classifier, _classifier):
-            found = detect(inputs[0], names, metadata, properties, facts)
+            found = detect(graph)
             if found is not None:
                 return found
     raise BadModelError(_not_an_export(inputs, outputs))
@@ -198,31 +246,19 @@ def align32_size(width: int, height: int, pixels: int) -> tuple[int, int]:
     )
 
 
-def _s1_detector(
-    image: TensorSpec,
-    outputs: Mapping[str, TensorSpec],
-    metadata: Mapping[str, str],
-    properties: Mapping[str, str],
-    facts: GraphFacts,
-) -> Recognised | None:
-    if not all(name in outputs for name in S1_DETECTOR_OUTPUTS):
+def _s1_detector(graph: _Graph) -> Recognised | None:
+    if not all(name in graph.outputs for name in S1_DETECTOR_OUTPUTS):
         return None
-    contract = _contract(image, metadata, properties, bgr_default=False)
+    contract = graph.contract(bgr_default=False)
     return Recognised(Flavor.DETECTOR_S1, contract, S1_DETECTOR_OUTPUTS, False)
 
 
-def _grid_detector(
-    image: TensorSpec,
-    outputs: Mapping[str, TensorSpec],
-    metadata: Mapping[str, str],
-    properties: Mapping[str, str],
-    facts: GraphFacts,
-) -> Recognised | None:
-    grid = outputs.get(GRID_OUTPUT)
+def _grid_detector(graph: _Graph) -> Recognised | None:
+    grid = graph.outputs.get(GRID_OUTPUT)
     if grid is None or len(grid.shape) != 4:
         return None
-    contract = _contract(image, metadata, properties, bgr_default=True)
-    settings = {**properties, **metadata}
+    contract = graph.contract(bgr_default=True)
+    settings = graph.settings
     anchors = _anchors(settings.get(BIASES_KEY))
     iou = _float(settings.get(NMS_KEY)) or DEFAULT_NMS_IOU
     channels = grid.shape[1]
@@ -234,78 +270,35 @@ def _grid_detector(
     return Recognised(Flavor.DETECTOR, contract, (GRID_OUTPUT,), False, anchors, iou)
 
 
-def _onnx12_classifier(
-    image: TensorSpec,
-    outputs: Mapping[str, TensorSpec],
-    metadata: Mapping[str, str],
-    properties: Mapping[str, str],
-    facts: GraphFacts,
-) -> Recognised | None:
-    loss = outputs.get(LEGACY_MAP_OUTPUT)
+def _onnx12_classifier(graph: _Graph) -> Recognised | None:
+    loss = graph.outputs.get(LEGACY_MAP_OUTPUT)
     if loss is None or not loss.type.startswith("seq(map(string"):
         return None
-    contract = _contract(image, metadata, properties, bgr_default=True)
-    multilabel = _multilabel(metadata, properties, facts)
+    contract = graph.contract(bgr_default=True)
+    multilabel = graph.multilabel()
     return Recognised(
         Flavor.CLASSIFIER_ONNX12, contract, (LEGACY_MAP_OUTPUT,), multilabel
     )
 
 
-def _classifier(
-    image: TensorSpec,
-    outputs: Mapping[str, TensorSpec],
-    metadata: Mapping[str, str],
-    properties: Mapping[str, str],
-    facts: GraphFacts,
-) -> Recognised | None:
+def _classifier(graph: _Graph) -> Recognised | None:
     vectors = [
         output
-        for output in outputs.values()
+        for output in graph.outputs.values()
         if output.type in _TENSOR_TYPES and len(output.shape) == 2
     ]
     if len(vectors) != 1:
         return None
-    s1 = image.shape[2] == S1_CLASSIFIER_SIZE
+    s1 = graph.image.shape[2] == S1_CLASSIFIER_SIZE
     flavor = Flavor.CLASSIFIER_S1 if s1 else Flavor.CLASSIFIER
-    contract = _contract(image, metadata, properties, bgr_default=not s1)
-    multilabel = _multilabel(metadata, properties, facts)
-    return Recognised(flavor, contract, (vectors[0].name,), multilabel)
+    contract = graph.contract(bgr_default=not s1)
+    return Recognised(flavor, contract, (vectors[0].name,), graph.multilabel())
 
 
 def _is_image_input(spec: TensorSpec) -> bool:
     if spec.type not in _TENSOR_TYPES or len(spec.shape) != 4:
         return False
     return spec.shape[1] == 3
-
-
-def _contract(
-    image: TensorSpec,
-    metadata: Mapping[str, str],
-    properties: Mapping[str, str],
-    *,
-    bgr_default: bool,
-) -> InputContract:
-    height, width = image.shape[2], image.shape[3]
-    size = (
-        (width, height) if isinstance(width, int) and isinstance(height, int) else None
-    )
-    pixel_format = metadata.get(PIXEL_FORMAT_KEY)
-    bgr = (
-        bgr_default if pixel_format not in ("Bgr8", "Rgb8") else pixel_format == "Bgr8"
-    )
-    scale, offset = _RANGES.get(metadata.get(PIXEL_RANGE_KEY, ""), (1.0, 0.0))
-    resize, target = _resize(size, {**properties, **metadata})
-    return InputContract(
-        name=image.name,
-        dtype=_TENSOR_TYPES[image.type],
-        size=size,
-        bgr=bgr,
-        scale=scale,
-        offset=offset,
-        resize=resize,
-        resize_target=target,
-        batch=not isinstance(image.shape[0], int),
-    )
 
 
 def _resize(
@@ -321,15 +314,6 @@ def _resize(
         # A dynamic input is fed the export's own way: about 512x512 pixels, aligned.
         return Resize.PIXEL_COUNT_ALIGN32, target
     return Resize.STRETCH, None
-
-
-def _multilabel(
-    metadata: Mapping[str, str], properties: Mapping[str, str], facts: GraphFacts
-) -> bool:
-    method = metadata.get(POSTPROCESS_KEY) or properties.get(POSTPROCESS_KEY)
-    if method:
-        return method == "ClassificationMultiLabel"
-    return facts.last_activation == "Sigmoid"
 
 
 def _anchors(text: str | None) -> tuple[tuple[float, float], ...]:
