@@ -5,7 +5,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 from modules.demo import DEMO_EXPORT
 from tests import cvmodels
 from tests.edge_emulator import EdgeEmulator, OutputMessage
+from tests.loopback import free_port
 from tests.module_process import ROOT, WAIT_S, RunningModule, start_module
 
 SILENT_ADDRESS = "127.254.253.252"  # nothing listens on 8883 there
@@ -238,13 +238,6 @@ def test_unreachable_edgehub_is_retried_while_http_serves_and_sigterm_stops(
     text = log.read_text()
     assert text.count("Cannot reach edgeHub yet") == 1
     assert "Traceback" not in text
-
-
-def free_port() -> int:
-    """Return a port nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _wait_http(url: str) -> int:

@@ -3,7 +3,6 @@
 import asyncio
 import io
 import json
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +18,10 @@ from modules.model import CustomVisionModel
 from modules.scorer import Scorer
 from modules.service import Service
 from tests import cvmodels
+from tests.loopback import free_port
 
 RED = cvmodels.solid_image((220, 40, 40), size=(64, 48), fmt="JPEG")
 BLUE = cvmodels.solid_image((40, 80, 200), size=(64, 48), fmt="PNG")
-
-
-def free_port() -> int:
-    """Return a port nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
