@@ -31,15 +31,25 @@ SOURCE_IMAGE = "images/pen.jpg"
 SIZES = ((1280, 720), (1920, 1080))
 
 
-def median_ms(work: Callable[[], object], runs: int) -> float:
-    """Return the median wall time of work in milliseconds, after one warm-up."""
-    work()
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        work()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples) * 1000.0
+def median_ms(
+    ways: dict[str, Callable[[], object]], runs: int, rounds: int = 5
+) -> dict[str, float]:
+    """Return each way's median wall time in ms, measured in alternating blocks.
+
+    Each way runs in short blocks, the blocks taken in turn for several rounds, so
+    every way sees the same drift in the machine's speed, while runs within a block
+    stay warm (onnxruntime's threads, caches) as they would in a steady stream.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in ways}
+    block = max(1, runs // rounds)
+    for _ in range(rounds):
+        for name, work in ways.items():
+            work()
+            for _ in range(block):
+                started = time.perf_counter()
+                work()
+                samples[name].append(time.perf_counter() - started)
+    return {name: statistics.median(times) * 1000.0 for name, times in samples.items()}
 
 
 def jpeg_frame(source: Image.Image, size: tuple[int, int]) -> bytes:
@@ -69,13 +79,14 @@ def measure(
     """Return the median ms of each way of scoring one frame."""
     tensor = model.preprocess(images.decode(data, model.decode_fit).image)
     feed = {model.contract.name: tensor}
-    return {
-        "bare": median_ms(lambda: session.run(None, feed), runs),
-        "draft": median_ms(lambda: images.decode(data, model.decode_fit), runs),
-        "module": median_ms(lambda: model.score(data), runs),
-        "full": median_ms(lambda: model.score(data, draft=False), runs),
-        "naive": median_ms(lambda: naive(session, model, data), runs),
+    ways: dict[str, Callable[[], object]] = {
+        "bare": lambda: session.run(None, feed),
+        "draft": lambda: images.decode(data, model.decode_fit),
+        "module": lambda: model.score(data),
+        "full": lambda: model.score(data, draft=False),
+        "naive": lambda: naive(session, model, data),
     }
+    return median_ms(ways, runs)
 
 
 def main() -> int:

@@ -41,7 +41,8 @@ MAX_WARNED_CAUSES = 1024
 CAMERA_INPUT = "camera"
 QUEUE_SIZE = 32
 DRAIN_TIMEOUT_S = 5.0
-STATS_INTERVAL_S = 10.0
+# Reported counts and source states: often enough to watch, rare enough for quotas.
+STATS_INTERVAL_S = 60.0
 SEND_RETRY_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 _UNCHANGED = object()
