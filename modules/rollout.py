@@ -28,7 +28,7 @@ from .model import CustomVisionModel
 from .scorer import Scorer
 from .settings import ACCEPTED, FAILED, IN_PROGRESS, REJECTED, Ack, Settings
 from .store import ModelStore, StoredModel
-from .urls import host_of, redact
+from .urls import host_of, redact, redact_url_field
 
 MODEL_PROPERTY = "model"
 PROGRESS_INTERVAL_S = 1.0
@@ -150,7 +150,9 @@ class Rollout:
             request = parse_model_request(value, settings)
         except BadSettingError as error:
             self._ack(
-                _redacted(value), REJECTED, f"{error}; the active model keeps serving"
+                redact_url_field(value),
+                REJECTED,
+                f"{error}; the active model keeps serving",
             )
             return
         if self._already_serving(request):
@@ -335,12 +337,6 @@ class Rollout:
         if self._task is not None and not self._task.done():
             self._task.cancel()
             _LOGGER.info("A newer desired model supersedes the rollout in progress")
-
-
-def _redacted(value: Any) -> Any:
-    if isinstance(value, dict) and isinstance(value.get("url"), str):
-        return {**value, "url": redact(value["url"])}
-    return value
 
 
 def _now() -> str:

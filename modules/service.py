@@ -29,11 +29,19 @@ from .reporter import Reporter
 from .results import result_document
 from .rollout import MODEL_PROPERTY, Rollout
 from .scorer import Scorer
-from .settings import ACCEPTED, REJECTED, Ack, DesiredState, Settings, apply_setting
+from .settings import (
+    ACCEPTED,
+    FAILED,
+    REJECTED,
+    Ack,
+    DesiredState,
+    Settings,
+    apply_setting,
+)
 from .sources import SourceManager, parse_sources
 from .store import ModelStore, StoredModel
 from .telemetry import OutputMessage, Telemetry
-from .urls import redact
+from .urls import redact_url_field
 
 IMAGES_INPUT = "images"
 SOURCES_PROPERTY = "sources"
@@ -214,7 +222,8 @@ class Service:
 
     def _request_model(self, value: Any, version: int | None) -> None:
         if self._rollout is None:
-            ack = Ack(value, 400, version, "this module runs without a model store")
+            detail = "the model store is unusable (see the module's log); no rollout"
+            ack = Ack(redact_url_field(value), FAILED, version, detail)
             self.report({MODEL_PROPERTY: ack.to_json()})
             return
         self._rollout.request(value, version, self._settings)
@@ -523,12 +532,7 @@ class _Rejections:
 def _redacted_sources(value: Any) -> Any:
     if not isinstance(value, dict):
         return value
-    return {
-        name: {**spec, "url": redact(spec["url"])}
-        if isinstance(spec, dict) and isinstance(spec.get("url"), str)
-        else spec
-        for name, spec in value.items()
-    }
+    return {name: redact_url_field(spec) for name, spec in value.items()}
 
 
 def _log_ack(name: str, ack: Ack) -> None:

@@ -1,6 +1,7 @@
 """URLs the module fetches: which hosts are allowed, and how they appear in logs."""
 
 from collections.abc import Collection
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import FetchError
@@ -45,3 +46,10 @@ def check_allowed(url: str, allowed_hosts: Collection[str]) -> str:
             f"the host {host} is not in allowedHosts", reason="host-not-allowed"
         )
     return host
+
+
+def redact_url_field(value: Any) -> Any:
+    """Return a JSON object with its "url" redacted, or any other value as it is."""
+    if isinstance(value, dict) and isinstance(value.get("url"), str):
+        return {**value, "url": redact(value["url"])}
+    return value

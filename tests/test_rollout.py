@@ -4,6 +4,7 @@ download server on loopback."""
 import hashlib
 import io
 import json
+import shutil
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -315,3 +316,38 @@ def test_a_newer_model_supersedes_a_download_in_progress(
         if "model" in p and p["model"]["av"] == first
     ]
     assert [a["ac"] for a in cats_acks] == [202] * len(cats_acks)
+
+
+def test_a_broken_model_store_fails_the_rollout_and_the_old_model_serves(
+    module: RunningModule, model_server: ModelServer, tmp_path: Path
+) -> None:
+    url = model_server.serve("/cats.zip", Served(CATS_ZIP))
+    exports = tmp_path / "model-store" / "exports"
+    shutil.rmtree(exports)
+    exports.write_text("a file where the store keeps its exports")
+
+    ack = roll_out(module, {"url": url, "sha256": sha256(CATS_ZIP)})
+
+    assert ack["ac"] == 500 and "model store" in ack["ad"]
+    assert top_tag(module) == ("red", DEMO_SHA)
+
+
+def test_an_unusable_model_store_still_lets_the_module_score(
+    edge_emulator: EdgeEmulator, tmp_path: Path, model_server: ModelServer
+) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("the model store cannot be created here")
+    running = start_module(
+        edge_emulator, tmp_path, env={**ENV, "MODEL_STORE": str(blocked)}
+    )
+    try:
+        url = model_server.serve("/cats.zip", Served(CATS_ZIP))
+        ack = roll_out(running, {"url": url, "sha256": sha256(CATS_ZIP)})
+        served = top_tag(running)
+        log = running.log_text()
+    finally:
+        running.kill()
+
+    assert ack["ac"] == 500 and "model store is unusable" in ack["ad"]
+    assert served == ("red", DEMO_SHA)
+    assert "Model store" in log and "unusable" in log
