@@ -99,7 +99,7 @@ async def stream(update: bool, rate: float, seconds: float) -> dict[str, Any]:
         service = Service(connection, scorer, store=ModelStore(Path(root)))
         stop = asyncio.Event()
         running = asyncio.create_task(service.run(stop))
-        await asyncio.sleep(0.2)
+        await service.ready.wait()
         service.apply_desired(
             {"insecureModelHosts": ["127.0.0.1"], "$version": 1}, True
         )

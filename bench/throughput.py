@@ -108,7 +108,7 @@ async def sources_rate(model: CustomVisionModel, jpeg: bytes, seconds: float) ->
     service = Service(connection, Scorer(model))
     stop = asyncio.Event()
     running = asyncio.create_task(service.run(stop))
-    await asyncio.sleep(0.2)
+    await service.ready.wait()
     cameras = {f"cam{i}": {"url": url, "fps": CAMERA_FPS} for i in range(CAMERAS)}
     service.apply_desired({"sources": cameras, "$version": 1}, True)
     await asyncio.sleep(1.0)  # let every camera reach its pace
@@ -129,7 +129,7 @@ async def http_rate(
     service = Service(CountingConnection(), Scorer(model), http_port=port)
     stop = asyncio.Event()
     running = asyncio.create_task(service.run(stop))
-    await asyncio.sleep(0.5)
+    await service.ready.wait()
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
     url = f"http://127.0.0.1:{port}/image"

@@ -95,6 +95,7 @@ class Service:
         self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self._http: aiohttp.ClientSession | None = None
         self._sources: SourceManager | None = None
+        self.ready = asyncio.Event()  # set once connected and taking inputs
 
     @property
     def settings(self) -> Settings:
@@ -120,9 +121,9 @@ class Service:
             self._spawn(self._reporter.run(), "twin-reporter")
             self._spawn(self._stats_loop(), "stats-reporter")
             self._accepting = True
-            if self._http_api is not None:
-                await self._http_api.start()
+            await self._start_http_api()
             if await self._start_connection(stop):
+                self.ready.set()
                 self.report({"status": "ready", **self._state()})
                 _LOGGER.info("Ready: scoring input %r", IMAGES_INPUT)
                 await stop.wait()
@@ -138,6 +139,17 @@ class Service:
             await self._cancel_tasks()
             await self._connection.close()
             await self._http.close()
+
+    async def _start_http_api(self) -> None:
+        if self._http_api is None:
+            return
+        try:
+            await self._http_api.start()
+        except OSError as error:
+            # Scoring inputs and cameras matters more than the API: go on without it.
+            _LOGGER.error("The HTTP API cannot listen: %s; running without it", error)
+            await self._http_api.close()
+            self._http_api = None
 
     async def _start_connection(self, stop: asyncio.Event) -> bool:
         """Start the connection unless stop comes first; say whether it started."""

@@ -3,6 +3,7 @@
 import asyncio
 import io
 import json
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from modules.demo import DEMO_EXPORT
 from modules.http_api import PREDICTION_KEYS
+from modules.inputs import InputMessage
 from modules.local import LocalConnection
 from modules.model import CustomVisionModel
 from modules.scorer import Scorer
@@ -295,3 +297,25 @@ async def test_healthz_follows_whether_a_model_can_score(loop_watchdog: None) ->
     assert before[0] == 503 and "no model" in before[1]["detail"]
     assert refused == (503, "no-model")
     assert after[0] == 200 and after[1]["status"] == "ok"
+
+
+async def test_a_taken_port_leaves_the_module_running_without_the_api(
+    loop_watchdog: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    scorer = Scorer(CustomVisionModel.load(DEMO_EXPORT))
+    stdout = io.StringIO()
+    with socket.socket() as squatter:
+        squatter.bind(("0.0.0.0", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        service = Service(LocalConnection(stdout=stdout), scorer, http_port=port)
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        await asyncio.wait_for(service.ready.wait(), 10)
+        await service.handle(InputMessage("images", RED))
+        stop.set()
+        await task
+    scorer.close()
+
+    assert "The HTTP API cannot listen" in caplog.text
+    assert json.loads(stdout.getvalue())["body"]["predictions"][0]["tagName"] == "red"
