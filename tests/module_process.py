@@ -63,7 +63,7 @@ class RunningModule:
             self.process.wait()
 
 
-def start_module(
+def launch_module(
     edge: EdgeEmulator,
     folder: Path,
     *,
@@ -71,7 +71,7 @@ def start_module(
     env: dict[str, str] | None = None,
     log_name: str = "module.log",
 ) -> RunningModule:
-    """Start the module with the demo model and wait until it reports ready."""
+    """Start `python main.py` with the demo model inside the emulated IoT Edge."""
     log = folder / log_name
     variables = {
         **os.environ,
@@ -82,7 +82,6 @@ def start_module(
         "HTTP_PORT": "0",
         **(env or {}),
     }
-    ready_before = len(edge.reported_patches)
     with log.open("ab") as sink:
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "main.py")],
@@ -91,7 +90,20 @@ def start_module(
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
-    running = RunningModule(edge, process, log, frames)
+    return RunningModule(edge, process, log, frames)
+
+
+def start_module(
+    edge: EdgeEmulator,
+    folder: Path,
+    *,
+    frames: Path | None = None,
+    env: dict[str, str] | None = None,
+    log_name: str = "module.log",
+) -> RunningModule:
+    """Launch the module and wait until it reports ready."""
+    ready_before = len(edge.reported_patches)
+    running = launch_module(edge, folder, frames=frames, env=env, log_name=log_name)
     try:
         edge.wait_reported(
             lambda _: any(

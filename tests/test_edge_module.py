@@ -3,10 +3,6 @@ emulated edgeHub."""
 
 import base64
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from modules.demo import DEMO_EXPORT
 from tests import cvmodels
 from tests.edge_emulator import EdgeEmulator, OutputMessage
 from tests.loopback import free_port
-from tests.module_process import ROOT, WAIT_S, RunningModule, start_module
+from tests.module_process import WAIT_S, RunningModule, launch_module, start_module
 
 SILENT_ADDRESS = "127.254.253.252"  # nothing listens on 8883 there
 RED = cvmodels.solid_image((220, 40, 40), size=(64, 48), fmt="JPEG")
@@ -206,36 +201,18 @@ def test_unreachable_edgehub_is_retried_while_http_serves_and_sigterm_stops(
 ) -> None:
     port = free_port()
     # A loopback address where no broker listens: edgeHub is not up yet.
-    env = {
-        **os.environ,
-        **edge_emulator.env(),
-        "MODEL_PATH": str(DEMO_EXPORT),
-        "MODEL_STORE": str(tmp_path / "store"),
-        "HTTP_PORT": str(port),
-    }
-    env["IOTEDGE_GATEWAYHOSTNAME"] = SILENT_ADDRESS
-    log = tmp_path / "module.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "main.py")],
-            cwd=ROOT,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
+    env = {"IOTEDGE_GATEWAYHOSTNAME": SILENT_ADDRESS, "HTTP_PORT": str(port)}
+    running = launch_module(edge_emulator, tmp_path, env=env)
     try:
         health = _wait_http(f"http://127.0.0.1:{port}/healthz")
-        _wait_for_line(log, "Cannot reach edgeHub yet")
-        process.send_signal(signal.SIGTERM)
-        status = process.wait(timeout=WAIT_S)
+        _wait_for_line(running.log, "Cannot reach edgeHub yet")
+        status = running.stop()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        running.kill()
 
     assert health == 200
     assert status == 0
-    text = log.read_text()
+    text = running.log_text()
     assert text.count("Cannot reach edgeHub yet") == 1
     assert "Traceback" not in text
 
