@@ -132,11 +132,15 @@ class Rollout:
         self._task: asyncio.Task[None] | None = None
         self._desired_version: int | None = None
         self._source: StoredModel | None = None
+        self._rolled_back_from: str | None = None
         self.last_failure: dict[str, Any] | None = None
 
-    def set_active(self, stored: StoredModel | None) -> None:
-        """Tell the rollout which stored export is serving (at start)."""
+    async def start(self, stored: StoredModel | None) -> None:
+        """Take over the stored export serving at start, and any rollback record."""
         self._source = stored
+        self._rolled_back_from = await asyncio.to_thread(
+            lambda: self._store.rolled_back_from
+        )
 
     def request(self, value: Any, version: int | None, settings: Settings) -> None:
         """Start rolling out the desired model, or acknowledge why nothing starts."""
@@ -181,7 +185,7 @@ class Rollout:
             self._store.activate, previous.sha256, rolled_back_from=current.sha256
         )
         self._scorer.activate(model, previous.version)
-        self._source = previous
+        self._source, self._rolled_back_from = previous, current.sha256
         description = f"rolled back to {previous.sha256[:12]} by the rollback method"
         self._ack(previous.describe(), ACCEPTED, description)
         return 200, {"activeModel": self.active_model()}
@@ -201,8 +205,7 @@ class Rollout:
                 request.describe(), ACCEPTED, "already active; nothing downloaded"
             )
             return True
-        rolled_back = self._store.rolled_back_from
-        if request.sha256 is not None and request.sha256 == rolled_back:
+        if request.sha256 is not None and request.sha256 == self._rolled_back_from:
             self._cancel()
             description = (
                 "this model was rolled back by the rollback method; "
@@ -232,7 +235,7 @@ class Rollout:
             )
             return
         self._scorer.activate(model, request.version)
-        self._source = stored
+        self._source, self._rolled_back_from = stored, None
         _LOGGER.info(
             "Rolled out %s from %s in %.1f s",
             stored.sha256[:12],

@@ -114,7 +114,7 @@ class Service:
                 self.report,
                 self._download_policy,
             )
-            self._rollout.set_active(self._stored_model)
+            await self._rollout.start(self._stored_model)
         try:
             for index in range(self._workers):
                 self._spawn(self._work(), f"scoring-worker-{index}")

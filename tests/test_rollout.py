@@ -273,6 +273,28 @@ def test_rollback_restores_the_previous_model(
     assert top_tag(module) == ("dog", sha256(CATS))
 
 
+def test_a_rollback_survives_a_restart_while_the_twin_still_names_the_new_model(
+    module: RunningModule, model_server: ModelServer, tmp_path: Path
+) -> None:
+    cats = model_server.serve("/cats.zip", Served(CATS_ZIP))
+    birds = model_server.serve("/birds.zip", Served(BIRDS_ZIP))
+    roll_out(module, {"url": cats, "sha256": sha256(CATS_ZIP)})
+    roll_out(module, {"url": birds, "sha256": sha256(BIRDS_ZIP)})
+    status, _ = module.edge.invoke_method("rollback", {}, timeout=15)
+    assert status == 200 and module.stop() == 0
+
+    again = start_module(module.edge, tmp_path, env=ENV, log_name="second.log")
+    try:
+        served = top_tag(again)
+        ack = again.wait_reported("model", lambda a: "was rolled back" in a["ad"])
+    finally:
+        again.kill()
+
+    assert served == ("dog", sha256(CATS))
+    assert ack["ac"] == 200
+    assert model_server.requests["/birds.zip"] == 1
+
+
 def test_a_real_export_zip_rolls_out(
     module: RunningModule, model_server: ModelServer, fixtures_dir: Path
 ) -> None:
