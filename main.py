@@ -107,7 +107,7 @@ def _connection(
     model = scorer.model
     serving_demo = model is not None and model.identity.origin == str(demo.DEMO_EXPORT)
     samples = demo.sample_images() if serving_demo else []
-    stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin
+    stdin = sys.stdin  # a terminal too: paths typed there are scored
     return LocalConnection(twin_path=arguments.twin, samples=samples, stdin=stdin)
 
 
