@@ -77,9 +77,9 @@ class Telemetry:
             "topProbability": f"{top['probability']:.4f}" if top else "0",
             "source": source or DEFAULT_SOURCE,
             "modelVersion": _model_version(document["model"]),
+            # Always set, so that routes can split results without sending twice.
+            "alert": "true" if alerts else "false",
         }
-        if alerts:
-            properties["alert"] = "true"
         body = encode_within_limit(document)
         return OutputMessage(
             RESULTS_OUTPUT, body, properties, document["id"], correlation_id

@@ -111,7 +111,7 @@ def test_source_results_follow_the_telemetry_rules(
     )
 
     results = module.edge.outputs("results")
-    unalerted = [m for m in results if "alert" not in m.properties]
+    unalerted = [m for m in results if m.properties["alert"] == "false"]
     assert len(unalerted) == 1
     assert alerted[0].json()["alerts"] == ["redAlert"]
     assert alerted[0].properties["source"] == "door"

@@ -223,31 +223,33 @@ def test_routes_carry_outputs_the_module_has() -> None:
     assert {m["module"] for m in parsed if m} == {MODULE}
     assert {m["output"] for m in parsed if m} <= {RESULTS_OUTPUT, ERRORS_OUTPUT}
     unconditional = {m["output"] for m in parsed if m and not m["condition"]}
-    assert unconditional == {RESULTS_OUTPUT, ERRORS_OUTPUT}
+    assert unconditional == {ERRORS_OUTPUT}
 
 
-def test_route_conditions_name_properties_the_module_sets() -> None:
+@pytest.mark.parametrize("probability", [0.9, 0.1], ids=["alert", "quiet"])
+def test_every_result_takes_exactly_one_route(probability: float) -> None:
     conditions = [
         match["condition"]
         for query in routes(load_json("deployment.template.json")).values()
-        if (match := ROUTE.fullmatch(query)) and match["condition"]
+        if (match := ROUTE.fullmatch(query)) and match["output"] == RESULTS_OUTPUT
     ]
     rule = AlertRule("person", frozenset({"person"}), 0.5)
     settings = Settings(alerts=(rule,))
     document = {
         "id": str(uuid.uuid4()),
-        "predictions": [{"tagId": 0, "tagName": "person", "probability": 0.9}],
+        "predictions": [{"tagId": 0, "tagName": "person", "probability": probability}],
         "model": {"sha256": "0" * 64, "version": None},
     }
 
     message = Telemetry().result(document, settings, source="cam", correlation_id=None)
 
-    assert conditions, "the template should show one filtered route"
     assert message is not None and message.output == RESULTS_OUTPUT
+    matching = []
     for condition in conditions:
         match = CONDITION.fullmatch(condition)
         assert match, f"unexpected route condition: {condition}"
-        assert message.properties.get(match["name"]) == match["value"]
+        matching.append(message.properties.get(match["name"]) == match["value"])
+    assert matching.count(True) == 1, (conditions, message.properties)
 
 
 def test_desired_properties_are_ones_the_module_reads() -> None:

@@ -52,7 +52,7 @@ def test_image_message_produces_a_routable_result(module: RunningModule) -> None
     assert result.properties["source"] == "door"
     assert float(result.properties["topProbability"]) > 0.9
     assert result.properties["modelVersion"] == body["model"]["sha256"][:12]
-    assert "alert" not in result.properties
+    assert result.properties["alert"] == "false"
     assert body["project"] == "fruit-line"
     assert body["source"]["name"] == "door"
     assert body["source"]["messageId"] == "m-1"

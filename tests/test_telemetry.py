@@ -93,6 +93,7 @@ def test_result_message_carries_routing_properties() -> None:
         "topProbability": "0.1235",
         "source": "cam1",
         "modelVersion": SHA256[:12],
+        "alert": "false",
     }
     assert output.content_type == "application/json"
     assert output.content_encoding == "utf-8"
@@ -156,7 +157,7 @@ def test_alert_property_and_body_when_a_rule_fires() -> None:
     assert fired is not None and quiet is not None
     assert fired.properties["alert"] == "true"
     assert fired.json()["alerts"] == ["fire"]
-    assert "alert" not in quiet.properties
+    assert quiet.properties["alert"] == "false"
     assert "alerts" not in quiet.json()
 
 
