@@ -118,15 +118,6 @@ def unpack_zip(
     return _export_root(destination)
 
 
-def sha256_file(path: Path) -> str:
-    """Return the SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(_COPY_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_bare_model(path: Path) -> ExportFiles:
     model = _read_limited(path, MAX_MODEL_BYTES, "model")
     labels_path = path.with_name(LABELS_FILE)

@@ -140,11 +140,6 @@ class CustomVisionModel:
         return self._recognised.contract
 
     @property
-    def recognised(self) -> Recognised:
-        """Return the recognised flavor and decoding settings."""
-        return self._recognised
-
-    @property
     def decode_fit(self) -> tuple[int, int] | None:
         """Return the smallest (w, h) a decoded image must keep for this model."""
         contract = self.contract

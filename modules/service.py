@@ -97,11 +97,6 @@ class Service:
         self._sources: SourceManager | None = None
         self.ready = asyncio.Event()  # set once connected and taking inputs
 
-    @property
-    def settings(self) -> Settings:
-        """Return the settings in force."""
-        return self._settings
-
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until stop is set, then finish or reject queued work and disconnect."""
         self._http = aiohttp.ClientSession()
